@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Build model_store/<name>.mar (or a no-archive folder) from a diffusers pipeline.
+#   ./build_mar.sh --tiny                          # tiny random-weight pipeline, offline
+#   ./build_mar.sh --model-dir /path/to/pipeline   # any local diffusers folder
+#   ./build_mar.sh --model-id stabilityai/stable-diffusion-2-1 [--revision main]
+# Options: --name NAME, --archive-format zip|no-archive, --config-file FILE, --export-path DIR (see --help).
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x "$repo/.venv/bin/python" ]; then PYTHON="$repo/.venv/bin/python"; else PYTHON=python3; fi
+fi
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+exec "$PYTHON" -m handler.build_mar "$@"

@@ -1,0 +1,221 @@
+"""Build a TorchServe model archive from a diffusers pipeline: the Python side of build_mar.sh.
+
+Sources: ``--tiny`` (a random-weight pipeline built offline, for tests and demos), ``--model-dir`` (any local
+diffusers folder) or ``--model-id`` (downloaded from the Hugging Face hub). All three go through the same
+staging and ``torch-model-archiver`` call, so a real model is packaged exactly like the tiny one.
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+from handler.pipeline_files import find_pipeline_folder
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_DIR = Path(__file__).resolve().parent
+PIPELINE_ZIP = "pipeline.zip"
+PIPELINE_FOLDER = "pipeline"
+DOWNLOAD_PATTERNS = ["*.json", "*.txt", "*.safetensors", "*.model", "*.py"]
+
+
+def progress(message: str) -> None:
+    print(f"[build_mar] {message}", flush=True)
+
+
+def parse_arguments(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="build_mar.sh", description=__doc__.splitlines()[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--tiny", action="store_true", help="build a tiny random-weight SD 1.x pipeline offline")
+    source.add_argument("--model-dir", type=Path, help="a local diffusers pipeline folder (holds model_index.json)")
+    source.add_argument("--model-id", help="a Hugging Face hub id to download, e.g. stabilityai/stable-diffusion-2-1")
+    parser.add_argument("--revision", help="hub revision (branch, tag or commit) for --model-id")
+    parser.add_argument("--name", default="stable_diffusion", help="model name in TorchServe (default: %(default)s)")
+    parser.add_argument("--archive-format", choices=("zip", "no-archive"), default="zip",
+                        help="zip: one .mar file holding pipeline.zip; no-archive: a folder, which avoids zipping "
+                             "multi-GB weights (default: %(default)s)")
+    parser.add_argument("--config-file", type=Path, default=REPO_ROOT / "model-config.yaml",
+                        help="model-config.yaml to package (default: the repository's)")
+    parser.add_argument("--export-path", type=Path, default=REPO_ROOT / "model_store",
+                        help="where the archive is written (default: %(default)s)")
+    parser.add_argument("--work-dir", type=Path, default=REPO_ROOT / "build",
+                        help="scratch space for built and downloaded pipelines (default: %(default)s)")
+    arguments = parser.parse_args(argv)
+    if arguments.revision and not arguments.model_id:
+        parser.error("--revision goes with --model-id")
+    return arguments
+
+
+def pipeline_source(arguments: argparse.Namespace) -> Path:
+    """The folder holding model_index.json, built or downloaded as the arguments ask."""
+    if arguments.tiny:
+        from handler.tiny_pipeline import build_tiny_pipeline
+
+        folder = arguments.work_dir / "tiny-sd1"
+        progress(f"building the tiny random-weight pipeline in {folder}")
+        shutil.rmtree(folder, ignore_errors=True)
+        build_tiny_pipeline(folder)
+        return folder
+    if arguments.model_dir:
+        folder = find_pipeline_folder(arguments.model_dir) if arguments.model_dir.is_dir() else None
+        if folder is None:
+            raise SystemExit(f"build_mar: {arguments.model_dir} holds no model_index.json; pass a diffusers pipeline "
+                             "folder (as written by save_pretrained or downloaded from the hub)")
+        return folder
+    return download(arguments.model_id, arguments.revision, arguments.work_dir / "downloads")
+
+
+def download(model_id: str, revision, downloads: Path) -> Path:
+    """Download a hub pipeline's configs, tokenizers and safetensors weights, with progress bars."""
+    from huggingface_hub import snapshot_download
+
+    target = downloads / model_id.replace("/", "--")
+    progress(f"downloading {model_id}{'@' + revision if revision else ''} to {target}")
+    try:
+        snapshot_download(model_id, revision=revision, local_dir=target, allow_patterns=DOWNLOAD_PATTERNS)
+    except Exception as error:
+        raise SystemExit(
+            f"build_mar: could not download {model_id}: {type(error).__name__}: {error}\n"
+            "Check the id, the network and HF_TOKEN (for gated models), or download the folder elsewhere and "
+            "use --model-dir."
+        ) from None
+    folder = find_pipeline_folder(target)
+    if folder is None:
+        raise SystemExit(f"build_mar: {model_id} has no model_index.json: it is not a diffusers pipeline")
+    return folder
+
+
+def pipeline_files(folder: Path) -> list[Path]:
+    """Files of a pipeline folder, without hidden files (download caches, .gitattributes)."""
+    return sorted(path for path in folder.rglob("*")
+                  if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts))
+
+
+def zip_pipeline(folder: Path, archive: Path) -> None:
+    """Store the pipeline (no compression: weights do not compress) with world-readable modes.
+
+    safetensors writes its files 0600; an archive that kept that mode could not be read by a server running
+    as another user.
+    """
+    files = pipeline_files(folder)
+    total = sum(path.stat().st_size for path in files)
+    written = 0
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED, allowZip64=True) as bundle:
+        for path in files:
+            entry = zipfile.ZipInfo.from_file(path, arcname=path.relative_to(folder).as_posix())
+            entry.external_attr = 0o100644 << 16
+            entry.compress_type = zipfile.ZIP_STORED
+            with open(path, "rb") as source, bundle.open(entry, "w", force_zip64=True) as target:
+                shutil.copyfileobj(source, target, 16 * 1024 * 1024)
+            written += path.stat().st_size
+            progress(f"  zipped {entry.filename} ({_megabytes(written)}/{_megabytes(total)} MB)")
+
+
+def copy_pipeline(folder: Path, target: Path) -> None:
+    """Copy the pipeline as a plain folder, world-readable, with progress."""
+    files = pipeline_files(folder)
+    total = sum(path.stat().st_size for path in files)
+    written = 0
+    for path in files:
+        destination = target / path.relative_to(folder)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, destination)
+        os.chmod(destination, 0o644)
+        written += path.stat().st_size
+        progress(f"  copied {path.relative_to(folder)} ({_megabytes(written)}/{_megabytes(total)} MB)")
+
+
+def stage_handler(staging: Path) -> None:
+    """Copy the handler package into the staging folder, so the archive runs without this repository."""
+    shutil.copytree(PACKAGE_DIR, staging / PACKAGE_DIR.name,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+
+
+def archiver_command() -> str:
+    """torch-model-archiver from this Python's environment, else from PATH."""
+    beside_python = Path(sys.executable).parent / "torch-model-archiver"
+    found = str(beside_python) if beside_python.exists() else shutil.which("torch-model-archiver")
+    if found is None:
+        raise SystemExit("build_mar: torch-model-archiver is not installed; run scripts/setup.sh first")
+    return found
+
+
+def run_archiver(arguments: argparse.Namespace, staging: Path) -> None:
+    """Call torch-model-archiver, printing a heartbeat while it works (it prints nothing itself)."""
+    command = [
+        archiver_command(),
+        "--model-name", arguments.name,
+        "--version", "1.0",
+        "--handler", str(staging / PACKAGE_DIR.name / "stable_diffusion_handler.py"),
+        "--extra-files", str(staging),
+        "--config-file", str(arguments.config_file),
+        "--export-path", str(arguments.export_path),
+        "--archive-format", "default" if arguments.archive_format == "zip" else "no-archive",
+        "--force",
+    ]
+    finished = threading.Event()
+
+    def heartbeat():
+        started = time.monotonic()
+        while not finished.wait(5):
+            progress(f"  torch-model-archiver still running ({time.monotonic() - started:.0f} s)")
+
+    thread = threading.Thread(target=heartbeat, daemon=True)
+    thread.start()
+    try:
+        subprocess.run(command, check=True)
+    finally:
+        finished.set()
+        thread.join()
+
+
+def build(arguments: argparse.Namespace) -> Path:
+    """Build the archive and return its path (a .mar file, or a folder for no-archive)."""
+    started = time.monotonic()
+    if not arguments.config_file.is_file():
+        raise SystemExit(f"build_mar: config file {arguments.config_file} not found")
+    folder = pipeline_source(arguments)
+    arguments.export_path.mkdir(parents=True, exist_ok=True)
+    staging = arguments.work_dir / f"staging-{arguments.name}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    stage_handler(staging)
+    if arguments.archive_format == "zip":
+        progress(f"[1/2] packing {folder} into {PIPELINE_ZIP}")
+        zip_pipeline(folder, staging / PIPELINE_ZIP)
+        progress("[2/2] writing the .mar with torch-model-archiver")
+        run_archiver(arguments, staging)
+        output = arguments.export_path / f"{arguments.name}.mar"
+    else:
+        output = arguments.export_path / arguments.name
+        shutil.rmtree(output, ignore_errors=True)
+        progress("[1/2] writing the archive folder with torch-model-archiver")
+        run_archiver(arguments, staging)
+        progress(f"[2/2] copying {folder} into {output / PIPELINE_FOLDER}")
+        copy_pipeline(folder, output / PIPELINE_FOLDER)
+    shutil.rmtree(staging, ignore_errors=True)
+    progress(f"done in {time.monotonic() - started:.1f} s: {output} ({_megabytes(_size(output))} MB)")
+    return output
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(item.stat().st_size for item in path.rglob("*") if item.is_file())
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f}"
+
+
+def main(argv=None) -> None:
+    build(parse_arguments(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Decisions about where and how the pipeline runs, kept free of side effects so CPU tests cover them."""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from handler.settings import HandlerSettings
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The device and dtype a worker loads its pipeline with."""
+
+    device: str
+    dtype: torch.dtype
+
+
+def choose_placement(settings: HandlerSettings, cuda_available: bool, gpu_id: Optional[int]) -> Placement:
+    """CUDA (the GPU TorchServe assigned this worker) in float16 when present; else CPU in float32.
+
+    ``device: cuda`` on a machine without CUDA is an error rather than a silent CPU fallback: a GPU
+    deployment that would run 100x slower should fail its model load, visibly.
+    """
+    if settings.device == "cuda" and not cuda_available:
+        raise RuntimeError("model-config.yaml sets device: cuda but CUDA is not available to this worker")
+    use_cuda = cuda_available and settings.device != "cpu"
+    device = f"cuda:{gpu_id if gpu_id is not None else 0}" if use_cuda else "cpu"
+    if settings.dtype == "auto":
+        dtype = torch.float16 if use_cuda else torch.float32
+    else:
+        dtype = getattr(torch, settings.dtype)
+    if not use_cuda and dtype == torch.float16:
+        raise RuntimeError("dtype float16 needs CUDA; on CPU use float32 or bfloat16")
+    return Placement(device=device, dtype=dtype)
+
+
+def available_cores() -> int:
+    """Cores this process may run on (the affinity mask, which containers and taskset narrow)."""
+    return len(os.sched_getaffinity(0))
+
+
+def threads_per_worker(cores: int, live_workers: int, override: int) -> int:
+    """Torch intra-op threads for one worker: an even share of the cores, or the configured number.
+
+    Two workers that each use every core on a 2-core machine run ten times slower than one worker
+    (TORCHSERVE-NOTES.md); an even share keeps N workers from oversubscribing C cores.
+    """
+    if override > 0:
+        return override
+    return max(1, cores // max(1, live_workers))
+
+
+class WorkerRegistry:
+    """Counts the live workers of one model through pid files in the model directory they share.
+
+    TorchServe does not tell a worker how many siblings it has, and the management API can scale them at any
+    time, so each worker registers its pid and re-counts the live ones before each batch.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def register(self, pid: int) -> None:
+        (self.folder / str(pid)).touch()
+
+    def live_count(self) -> int:
+        live = 0
+        for entry in self.folder.iterdir():
+            if entry.name.isdigit() and _process_alive(int(entry.name)):
+                live += 1
+            else:
+                entry.unlink(missing_ok=True)
+        return max(live, 1)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,164 @@
+"""Run validated requests through the diffusers pipeline: group, generate, and keep failures per request.
+
+Requests that can share a pipeline call (same task, size, steps, guidance, scheduler) are grouped, and each
+group runs once, up to a pixel budget per call. Each image gets its own CPU ``torch.Generator`` seeded with
+its seed, so an image is the same whether its request ran alone or batched, on CPU or GPU.
+"""
+
+import gc
+import inspect
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from handler.errors import RequestError
+from handler.request import GenerationRequest
+from handler.schedulers import SchedulerFactory
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("text-to-image", "image-to-image", "inpainting")
+
+
+@dataclass
+class GenerationResult:
+    """The images of one request (uint8, N x H x W x 3) and how long their pipeline call took."""
+
+    request: GenerationRequest
+    images: np.ndarray
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+def plan_groups(requests: list[GenerationRequest], max_batch_pixels: int) -> list[list[int]]:
+    """Indices of ``requests`` grouped into pipeline calls: equal batch keys, at most ``max_batch_pixels``.
+
+    Groups keep the order in which their first request arrived.
+    """
+    by_key: dict[tuple, list[list[int]]] = {}
+    for index, request in enumerate(requests):
+        chunks = by_key.setdefault(request.batch_key(), [[]])
+        current = chunks[-1]
+        used = sum(requests[i].pixels for i in current)
+        if current and used + request.pixels > max_batch_pixels:
+            current = []
+            chunks.append(current)
+        current.append(index)
+    return [chunk for chunks in by_key.values() for chunk in chunks]
+
+
+class GenerationEngine:
+    """Owns the loaded pipeline and the task pipelines that share its weights."""
+
+    def __init__(self, pipeline, max_batch_pixels: int):
+        from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+
+        pipeline.set_progress_bar_config(disable=True)
+        self.pipeline = pipeline
+        self.max_batch_pixels = max_batch_pixels
+        self._schedulers = SchedulerFactory(pipeline.scheduler)
+        self._task_pipelines = {"text-to-image": _constructor(pipeline)}
+        for task, auto_class in (("image-to-image", AutoPipelineForImage2Image),
+                                 ("inpainting", AutoPipelineForInpainting)):
+            try:
+                self._task_pipelines[task] = _constructor(auto_class.from_pipe(pipeline))
+            except (ValueError, KeyError) as error:
+                logger.info("%s is not available for %s: %s", task, type(pipeline).__name__, error)
+
+    def supports(self, task: str) -> bool:
+        return task in self._task_pipelines
+
+    def warm_up(self) -> None:
+        """One tiny generation, so the first client request does not pay for lazy initialisation."""
+        started = time.perf_counter()
+        request = GenerationRequest(prompt="warm-up", negative_prompt=None, num_inference_steps=1,
+                                    guidance_scale=7.5, width=64, height=64, seeds=(0,), scheduler=None,
+                                    output_format="array")
+        self._call_pipeline([request])
+        logger.info("warm-up generation took %.2f s", time.perf_counter() - started)
+
+    def generate(self, items: list) -> list:
+        """Map each GenerationRequest to a GenerationResult or RequestError; pass RequestErrors through."""
+        outcomes = list(items)
+        valid = [index for index, item in enumerate(items) if isinstance(item, GenerationRequest)]
+        requests = [items[index] for index in valid]
+        for group in plan_groups(requests, self.max_batch_pixels):
+            members = [requests[i] for i in group]
+            for position, outcome in zip(group, self._run_group(members)):
+                outcomes[valid[position]] = outcome
+        return outcomes
+
+    def _run_group(self, group: list[GenerationRequest]) -> list:
+        first = group[0]
+        if not self.supports(first.task):
+            error = RequestError(400, f"{first.task} is not supported by {type(self.pipeline).__name__}",
+                                 field="image", reason="unsupported_task")
+            return [error] * len(group)
+        started = time.perf_counter()
+        try:
+            images = self._call_pipeline(group)
+        except (torch.OutOfMemoryError, MemoryError):
+            logger.exception("out of memory generating %d image(s) at %dx%d",
+                             sum(r.num_images for r in group), first.width, first.height)
+            self._free_memory()
+            error = RequestError(507, "the server ran out of memory for this generation; try fewer or smaller "
+                                 "images", reason="out_of_memory")
+            return [error] * len(group)
+        except Exception:
+            logger.exception("generation failed for a group of %d request(s)", len(group))
+            error = RequestError(500, "generation failed; the server log has the details", reason="internal_error")
+            return [error] * len(group)
+        elapsed_ms = round((time.perf_counter() - started) * 1000, 1)
+        results, offset = [], 0
+        for request in group:
+            count = request.num_images
+            results.append(GenerationResult(request, images[offset:offset + count],
+                                            {"pipeline": elapsed_ms, "batch_images": len(images)}))
+            offset += count
+        return results
+
+    def _call_pipeline(self, group: list[GenerationRequest]) -> np.ndarray:
+        first = group[0]
+        pipeline_class, components = self._task_pipelines[first.task]
+        pipeline = pipeline_class(**{**components, "scheduler": self._schedulers.create(first.scheduler)})
+        pipeline.set_progress_bar_config(disable=True)
+        per_image = [(request, seed) for request in group for seed in request.seeds]
+        arguments = {
+            "prompt": [request.prompt for request, _ in per_image],
+            "num_inference_steps": first.num_inference_steps,
+            "guidance_scale": first.guidance_scale,
+            "generator": [torch.Generator("cpu").manual_seed(seed) for _, seed in per_image],
+            "output_type": "np",
+        }
+        if first.negative_prompt is not None:
+            arguments["negative_prompt"] = [request.negative_prompt for request, _ in per_image]
+        if first.image is not None:
+            arguments["image"] = [request.image for request, _ in per_image]
+            arguments["strength"] = first.strength
+        if first.mask_image is not None:
+            arguments["mask_image"] = [request.mask_image for request, _ in per_image]
+        accepted = inspect.signature(pipeline.__call__).parameters
+        if "height" in accepted:
+            arguments["height"], arguments["width"] = first.height, first.width
+        output = pipeline(**arguments)
+        return (np.clip(output.images, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+    def _free_memory(self) -> None:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _constructor(pipeline) -> tuple[type, dict]:
+    """The class and constructor arguments that rebuild ``pipeline`` around the same weights.
+
+    Building a pipeline object costs about a millisecond and copies no weights; it gives every call its
+    own scheduler and per-call state, which the shared pipeline must not keep.
+    """
+    arguments = dict(pipeline.components)
+    for name in inspect.signature(type(pipeline).__init__).parameters:
+        if name != "self" and name not in arguments and name in pipeline.config:
+            arguments[name] = pipeline.config[name]
+    return type(pipeline), arguments

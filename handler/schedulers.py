@@ -1,0 +1,50 @@
+"""The schedulers a request may name, each built per call from the pipeline's own scheduler config.
+
+Pipelines keep per-call state on their scheduler, so a request never swaps the shared one: it gets a fresh
+instance made from the loaded pipeline's config (beta schedule, prediction type, timestep spacing), which is
+what makes a Stable Diffusion 2 v-prediction model keep working under any of these names.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import diffusers
+
+
+@dataclass(frozen=True)
+class SchedulerChoice:
+    """A diffusers scheduler class and the config overrides that turn it into the named sampler."""
+
+    class_name: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+SCHEDULERS: dict[str, SchedulerChoice] = {
+    "ddim": SchedulerChoice("DDIMScheduler"),
+    "pndm": SchedulerChoice("PNDMScheduler", {"skip_prk_steps": True}),
+    "euler": SchedulerChoice("EulerDiscreteScheduler"),
+    "euler_a": SchedulerChoice("EulerAncestralDiscreteScheduler"),
+    "dpmpp_2m": SchedulerChoice("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": False}),
+    "dpmpp_2m_karras": SchedulerChoice("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+    "unipc": SchedulerChoice("UniPCMultistepScheduler"),
+    "lms": SchedulerChoice("LMSDiscreteScheduler"),
+    "heun": SchedulerChoice("HeunDiscreteScheduler"),
+}
+
+
+class SchedulerFactory:
+    """Makes a fresh scheduler per pipeline call; the configs are merged once, at start-up."""
+
+    def __init__(self, base_scheduler):
+        self._base_scheduler = base_scheduler
+        self._configs = {}
+        for name, choice in SCHEDULERS.items():
+            scheduler_class = getattr(diffusers, choice.class_name)
+            self._configs[name] = (scheduler_class, {**base_scheduler.config, **choice.overrides})
+
+    def create(self, name):
+        """A new scheduler instance: the named one, or a copy of the pipeline's own when name is None."""
+        if name is None:
+            return type(self._base_scheduler).from_config(self._base_scheduler.config)
+        scheduler_class, config = self._configs[name]
+        return scheduler_class.from_config(config)

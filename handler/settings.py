@@ -1,0 +1,97 @@
+"""Per-model settings: the ``handler:`` section of model-config.yaml, with documented fallbacks.
+
+Every default and limit of the service lives here, in one dataclass, so that the handler, the README table
+and the tests read the same numbers. Unknown keys and out-of-range values fail the model load with a
+message that names the key, instead of being ignored.
+"""
+
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, Optional
+
+OUTPUT_FORMATS = ("array", "png", "jpeg", "webp", "npy", "json")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+class SettingsError(ValueError):
+    """A model-config.yaml value that the handler cannot use."""
+
+
+@dataclass(frozen=True)
+class HandlerSettings:
+    """What a request gets when it leaves a field out, what it may ask for, and how the model runs."""
+
+    default_steps: int = 50
+    default_guidance_scale: float = 7.5
+    default_width: int = 768
+    default_height: int = 768
+    default_output_format: str = "array"
+    default_strength: float = 0.8
+
+    max_steps: int = 150
+    min_side: int = 64
+    max_side: int = 1024
+    max_pixels: int = 1024 * 1024
+    max_images: int = 4
+    max_request_pixels: int = 4 * 768 * 768
+    max_batch_pixels: int = 4 * 768 * 768
+    max_prompt_length: int = 2000
+    max_input_image_pixels: int = 4096 * 4096
+
+    device: str = "auto"
+    dtype: str = "auto"
+    torch_threads: int = 0
+    warmup: bool = True
+
+    @classmethod
+    def from_mapping(cls, values: Optional[Mapping[str, Any]]) -> "HandlerSettings":
+        """Build settings from model-config.yaml's ``handler:`` section (None or {} gives the defaults)."""
+        values = dict(values or {})
+        known = {field.name: field for field in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise SettingsError(
+                f"unknown handler setting(s) {unknown} in model-config.yaml; known settings: {sorted(known)}"
+            )
+        converted = {}
+        for name, value in values.items():
+            expected = type(known[name].default)
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if type(value) is not expected:
+                raise SettingsError(
+                    f"handler setting {name} must be a {expected.__name__}, got {value!r}"
+                )
+            converted[name] = value
+        settings = cls(**converted)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Reject combinations that would make the service refuse its own defaults or run unbounded."""
+        def require(condition: bool, message: str) -> None:
+            if not condition:
+                raise SettingsError(f"model-config.yaml handler settings: {message}")
+
+        require(self.default_output_format in OUTPUT_FORMATS,
+                f"default_output_format must be one of {list(OUTPUT_FORMATS)}, got {self.default_output_format!r}")
+        require(self.device in DEVICES, f"device must be one of {list(DEVICES)}, got {self.device!r}")
+        require(self.dtype in DTYPES, f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+        require(self.min_side >= 8 and self.min_side % 8 == 0, f"min_side must be a multiple of 8, got {self.min_side}")
+        require(self.max_side >= self.min_side and self.max_side % 8 == 0,
+                f"max_side must be a multiple of 8 and at least min_side, got {self.max_side}")
+        for name in ("max_steps", "max_images", "max_pixels", "max_request_pixels", "max_batch_pixels",
+                     "max_prompt_length", "max_input_image_pixels"):
+            require(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
+        require(self.max_request_pixels <= self.max_batch_pixels,
+                "max_request_pixels must not exceed max_batch_pixels, or a valid request could never run")
+        require(1 <= self.default_steps <= self.max_steps, f"default_steps must be 1..max_steps, got {self.default_steps}")
+        require(0 <= self.default_guidance_scale <= 30, f"default_guidance_scale must be 0..30, got {self.default_guidance_scale}")
+        require(0 < self.default_strength <= 1, f"default_strength must be in (0, 1], got {self.default_strength}")
+        require(self.torch_threads >= 0, f"torch_threads must be 0 (auto) or more, got {self.torch_threads}")
+        for name in ("default_width", "default_height"):
+            side = getattr(self, name)
+            require(side % 8 == 0 and self.min_side <= side <= self.max_side,
+                    f"{name} must be a multiple of 8 in min_side..max_side, got {side}")
+        require(self.default_width * self.default_height <= min(self.max_pixels, self.max_request_pixels),
+                "default_width x default_height exceeds max_pixels or max_request_pixels")
