@@ -61,8 +61,13 @@ class StableDiffusionHandler(BaseHandler):
         return [self._parse(index, row) for index, row in enumerate(data)]
 
     def inference(self, data, *args, **kwargs):
+        started = time.perf_counter()
         with torch.inference_mode():
-            return self.engine.generate(data)
+            outcomes = self.engine.generate(data)
+        images = sum(len(outcome.images) for outcome in outcomes if isinstance(outcome, GenerationResult))
+        logger.info("worker %d generated %d image(s) for %d request(s) in %.2f s", os.getpid(), images, len(data),
+                    time.perf_counter() - started)
+        return outcomes
 
     def postprocess(self, data):
         bodies = []

@@ -1,0 +1,136 @@
+"""A real TorchServe on loopback serving a .mar built by build_mar.sh --tiny, with token authorization on."""
+
+import io
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from conftest import run_build_mar
+
+pytestmark = pytest.mark.serving
+
+SMALL = {"num_inference_steps": 2, "width": 64, "height": 64}
+
+
+def predict(server, timeout=300, **kwargs):
+    headers = {**server.inference_headers(), **kwargs.pop("headers", {})}
+    return requests.post(f"{server.inference_url}/predictions/stable_diffusion", headers=headers, timeout=timeout,
+                         **kwargs)
+
+
+def test_requests_without_the_token_are_rejected(torchserve):
+    response = requests.post(f"{torchserve.inference_url}/predictions/stable_diffusion", data=b"a cat",
+                             headers={"Content-Type": "text/plain"}, timeout=30)
+    assert response.status_code in (400, 401)
+    assert requests.get(f"{torchserve.management_url}/models", timeout=30).status_code in (400, 401)
+
+
+def test_upstream_client_gets_a_768_image_at_the_defaults(torchserve):
+    # The body and client line of TorchServe's examples/diffusers, unchanged: text/plain prompt, 768x768, 50 steps.
+    r = predict(torchserve, data="a photo of an astronaut riding a horse on mars".encode(),
+                headers={"Content-Type": "text/plain"})
+    assert r.status_code == 200, r.text[:300]
+    assert r.headers["Content-Type"].startswith("application/json")
+    image = Image.fromarray(np.array(json.loads(r.text), dtype="uint8"))
+    assert image.size == (768, 768) and image.mode == "RGB"
+    assert re.fullmatch(r"\d+", r.headers["X-Seeds"])
+
+
+def test_json_and_form_bodies_work(torchserve):
+    from_json = predict(torchserve, json={"prompt": "a cat", "seed": 5, **SMALL})
+    from_form = predict(torchserve, data={"prompt": "a cat", "seed": "5", **{k: str(v) for k, v in SMALL.items()}})
+    assert from_json.status_code == 200 and from_form.status_code == 200, (from_json.text[:200], from_form.text[:200])
+    assert from_json.headers["X-Seeds"] == from_form.headers["X-Seeds"] == "5"
+    assert np.array_equal(np.array(from_json.json(), dtype="uint8"), np.array(from_form.json(), dtype="uint8"))
+
+
+def test_accept_png_returns_a_png_with_its_parameters(torchserve):
+    r = predict(torchserve, json={"prompt": "a lighthouse", "seed": 3, **SMALL}, headers={"Accept": "image/png"})
+    assert r.status_code == 200 and r.headers["Content-Type"] == "image/png"
+    image = Image.open(io.BytesIO(r.content))
+    assert image.format == "PNG" and image.size == (64, 64)
+    assert json.loads(image.text["parameters"])["seed"] == 3
+
+
+@pytest.mark.parametrize("body, headers, expected", [
+    (b"", {"Content-Type": "text/plain"}, "prompt"),
+    (b"\xff\xfe\xfd", {"Content-Type": "text/plain"}, "UTF-8"),
+    (json.dumps({"steps": 3}).encode(), {"Content-Type": "application/json"}, "unknown field"),
+    (json.dumps({"negative_prompt": "x"}).encode(), {"Content-Type": "application/json"}, "prompt is required"),
+    (b"{not json", {"Content-Type": "application/json"}, "not valid JSON"),
+])
+def test_bad_bodies_get_a_4xx_and_the_worker_keeps_serving(torchserve, body, headers, expected):
+    pids_before = torchserve.worker_pids("stable_diffusion")
+    r = predict(torchserve, data=body, headers=headers)
+    assert 400 <= r.status_code < 500
+    assert expected in r.json()["error"]["message"]
+    ok = predict(torchserve, json={"prompt": "a cat", **SMALL})
+    assert ok.status_code == 200
+    assert torchserve.worker_pids("stable_diffusion") == pids_before
+
+
+def test_scaling_to_two_workers_gives_two_serving_workers(torchserve):
+    url = f"{torchserve.management_url}/models/stable_diffusion?min_worker=2&synchronous=true"
+    r = requests.put(url, headers=torchserve.management_headers(), timeout=300)
+    assert r.status_code == 200, r.text
+    assert torchserve.ready_workers("stable_diffusion") == 2
+    served_by = set()
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(5):
+            replies = list(pool.map(lambda seed: predict(torchserve, json={"prompt": "a cat", "seed": seed, **SMALL}),
+                                    range(4)))
+            assert all(reply.status_code == 200 for reply in replies)
+            served_by = workers_that_generated(torchserve)
+            if len(served_by) == 2:
+                break
+    assert len(served_by) == 2, served_by
+
+
+def workers_that_generated(server) -> set[str]:
+    log = (server.folder / "logs" / "model_log.log").read_text()
+    return set(re.findall(r"(W-\d+)-stable_diffusion[^\n]*generated", log))
+
+
+def test_no_archive_build_from_a_model_dir_serves_the_same_image(torchserve, tiny_mar, tmp_path):
+    from handler.local_server import LocalTorchServe
+
+    source = tiny_mar.parent.parent / "scratch" / "tiny-sd1"
+    store = tmp_path / "store"
+    run_build_mar("--model-dir", source, "--archive-format", "no-archive", "--export-path", store,
+                  "--work-dir", tmp_path / "scratch")
+    folder = store / "stable_diffusion"
+    weights = folder / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"
+    assert (folder / "MAR-INF" / "MANIFEST.json").is_file()
+    assert weights.stat().st_mode & 0o777 == 0o644
+    server = LocalTorchServe(tmp_path / "server", store, {"stable_diffusion": "stable_diffusion"})
+    server.start()
+    try:
+        body = {"prompt": "a cat", "seed": 21, **SMALL}
+        from_folder = predict(server, json=body)
+        from_mar = predict(torchserve, json=body)
+        assert from_folder.status_code == from_mar.status_code == 200
+        assert np.array_equal(np.array(from_folder.json()), np.array(from_mar.json()))
+    finally:
+        server.stop()
+    assert not server.processes()
+
+
+def test_the_client_saves_images_and_prints_seeds(torchserve, tmp_path, capsys):
+    from handler.client import main
+
+    token_file = torchserve.folder / "key_file.json"
+    code = main(["a red fox", "-o", str(tmp_path / "fox.png"), "--seed", "7", "--steps", "2", "--width", "64",
+                 "--height", "64", "--num-images", "2", "--url", torchserve.inference_url, "--token-file",
+                 str(token_file)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "fox-0.png  seed=7" in printed and "fox-1.png  seed=8" in printed
+    saved = Image.open(tmp_path / "fox-1.png")
+    assert saved.size == (64, 64) and json.loads(saved.text["parameters"])["seed"] == 8
+    assert main(["a fox", "--width", "65", "--url", torchserve.inference_url, "--token-file", str(token_file)]) == 1
+    assert "width must be a multiple of 8" in capsys.readouterr().err
