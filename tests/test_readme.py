@@ -1,0 +1,51 @@
+"""The README's tables are the contract users read: they must match the code and the shipped configs."""
+
+import re
+from dataclasses import fields
+
+import yaml
+
+from conftest import REPO_ROOT
+from handler.request import FIELD_NAMES, describe_fields
+from handler.settings import HandlerSettings
+
+README = (REPO_ROOT / "README.md").read_text()
+
+
+def table_rows(heading: str) -> dict[str, list[str]]:
+    """The first table under ``heading``: first cell (without backticks) -> the other cells."""
+    section = README.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("|") and not set(cells[0]) <= set("- ") and cells[0] not in ("field", "setting", "format"):
+            rows.setdefault(cells[0].strip("`"), cells[1:])
+        elif rows and not line.startswith("|"):
+            break
+    return rows
+
+
+def test_api_table_matches_the_parser():
+    rows = table_rows("API")
+    documented = {name: cells[:2] for name, cells in rows.items()}
+    expected = {doc.name: [doc.default, doc.allowed] for doc in describe_fields(HandlerSettings())}
+    assert documented == expected
+    assert set(rows) == set(FIELD_NAMES)
+
+
+def test_configuration_table_matches_the_settings_defaults():
+    rows = table_rows("Configuration")
+    defaults = {field.name: str(field.default) for field in fields(HandlerSettings)}
+    assert {name: cells[0] for name, cells in rows.items()} == defaults
+
+
+def test_shipped_model_config_loads_and_keeps_the_design_defaults():
+    config = yaml.safe_load((REPO_ROOT / "model-config.yaml").read_text())
+    settings = HandlerSettings.from_mapping(config["handler"])
+    assert (settings.default_steps, settings.default_guidance_scale, settings.default_width,
+            settings.default_height, settings.default_output_format) == (50, 7.5, 768, 768, "array")
+
+
+def test_readme_test_command_is_what_ci_runs():
+    ci = (REPO_ROOT / ".ci" / "run").read_text()
+    assert "scripts/test.sh" in ci and re.search(r"^scripts/test\.sh$", README, re.MULTILINE)
