@@ -224,9 +224,9 @@ def body_fields(row: Mapping[str, Any], content_type: Optional[str]) -> tuple[di
     if declared_json or text.lstrip().startswith("{"):
         try:
             parsed = json.loads(text)
-        except json.JSONDecodeError as error:
+        except (ValueError, RecursionError) as error:  # bad syntax, over-long integers, deep nesting
             if declared_json:
-                raise invalid(None, f"the body is not valid JSON: {error}", reason="invalid_json") from None
+                raise invalid(None, f"the body is not valid JSON: {_shown(error)}", reason="invalid_json") from None
             parsed = None
         if isinstance(parsed, dict):
             return parsed, False
@@ -304,7 +304,7 @@ class _Values:
         if isinstance(value, bool) or not isinstance(value, int):
             raise invalid(name, f"{name} must be {rule}, got {_shown(value)}")
         if not low <= value <= high or value % multiple_of:
-            raise invalid(name, f"{name} must be {rule}, got {value}")
+            raise invalid(name, f"{name} must be {rule}, got {_shown(value)}")
         return value
 
     def number(self, name: str, default: float, low: float, high: float, low_exclusive: bool = False) -> float:
@@ -317,7 +317,10 @@ class _Values:
         rule = f"a finite number {lower} and at most {high:g}"
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise invalid(name, f"{name} must be {rule}, got {_shown(value)}")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise invalid(name, f"{name} must be {rule}, got {_shown(value)}") from None
         if not math.isfinite(value) or value > high or value < low or (low_exclusive and value == low):
             raise invalid(name, f"{name} must be {rule}, got {value}")
         return value
@@ -340,5 +343,8 @@ def _parse_form_number(name: str, text: str, kind: type):
 
 def _shown(value: Any) -> str:
     """A value for an error message, cut short: a client's 1 MB string must not echo back whole."""
-    shown = repr(value)
+    try:
+        shown = repr(value)
+    except (ValueError, RecursionError):  # integers over Python's digit limit, deeply nested values
+        shown = f"a {type(value).__name__} too large to show"
     return shown if len(shown) <= 80 else shown[:77] + "..."

@@ -92,6 +92,10 @@ class StableDiffusionHandler(BaseHandler):
         except RequestError as error:
             logger.info("rejected request %d: %s", index, error.message)
             return error
+        except Exception:  # a parser bug must cost one request, not the whole batch
+            logger.exception("could not parse request %d", index)
+            return RequestError(500, "the server could not read this request; the server log has the details",
+                                reason="internal_error")
 
     def _set_thread_count(self):
         """Give this worker an even share of the cores, re-counted as workers are scaled up or down."""

@@ -134,3 +134,27 @@ def test_the_client_saves_images_and_prints_seeds(torchserve, tmp_path, capsys):
     assert saved.size == (64, 64) and json.loads(saved.text["parameters"])["seed"] == 8
     assert main(["a fox", "--width", "65", "--url", torchserve.inference_url, "--token-file", str(token_file)]) == 1
     assert "width must be a multiple of 8" in capsys.readouterr().err
+
+
+def test_image_to_image_and_inpainting_through_the_server(torchserve):
+    import base64
+
+    def png(array):
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="PNG")
+        return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+    source = np.full((72, 80, 3), 180, dtype=np.uint8)
+    mask = np.zeros((72, 80), dtype=np.uint8)
+    mask[20:50, 20:60] = 255
+    edited = predict(torchserve, json={"prompt": "a cat", "image": png(source), "strength": 0.5,
+                                       "num_inference_steps": 4, "output_format": "npy"})
+    inpainted = predict(torchserve, json={"prompt": "a cat", "image": png(source), "mask_image": png(mask),
+                                          "num_inference_steps": 4, "output_format": "npy"})
+    assert edited.status_code == inpainted.status_code == 200, (edited.text[:200], inpainted.text[:200])
+    assert np.load(io.BytesIO(edited.content)).shape == (72, 80, 3)
+    assert np.load(io.BytesIO(inpainted.content)).shape == (72, 80, 3)
+    bomb = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(bomb, format="PNG")
+    refused = predict(torchserve, json={"prompt": "a cat", "image": base64.b64encode(bomb.getvalue()).decode()})
+    assert refused.status_code == 413 and "pixels" in refused.json()["error"]["message"]
