@@ -10,6 +10,7 @@ import inspect
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -52,12 +53,15 @@ def plan_groups(requests: list[GenerationRequest], max_batch_pixels: int) -> lis
 class GenerationEngine:
     """Owns the loaded pipeline and the task pipelines that share its weights."""
 
-    def __init__(self, pipeline, max_batch_pixels: int):
+    def __init__(self, pipeline, max_batch_pixels: int,
+                 on_call: Optional[Callable[[int, int, float], None]] = None):
+        """``on_call(images, pixel_steps, seconds)`` is told about every successful pipeline call (metrics)."""
         from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
 
         pipeline.set_progress_bar_config(disable=True)
         self.pipeline = pipeline
         self.max_batch_pixels = max_batch_pixels
+        self.on_call = on_call
         self._schedulers = SchedulerFactory(pipeline.scheduler)
         self._task_pipelines = {"text-to-image": _constructor(pipeline)}
         for task, auto_class in (("image-to-image", AutoPipelineForImage2Image),
@@ -110,7 +114,11 @@ class GenerationEngine:
             logger.exception("generation failed for a group of %d request(s)", len(group))
             error = RequestError(500, "generation failed; the server log has the details", reason="internal_error")
             return [error] * len(group)
-        elapsed_ms = round((time.perf_counter() - started) * 1000, 1)
+        elapsed = time.perf_counter() - started
+        if self.on_call is not None:
+            pixel_steps = len(images) * first.width * first.height * first.num_inference_steps
+            self.on_call(len(images), pixel_steps, elapsed)
+        elapsed_ms = round(elapsed * 1000, 1)
         results, offset = [], 0
         for request in group:
             count = request.num_images

@@ -18,6 +18,7 @@ from handler.encoding import encode_images
 from handler.errors import RequestError
 from handler.generation import GenerationEngine, GenerationResult
 from handler.loading import load_pipeline
+from handler.metrics import ServiceMetrics
 from handler.pipeline_files import locate_pipeline
 from handler.request import RequestParser
 from handler.settings import HandlerSettings
@@ -36,6 +37,7 @@ class StableDiffusionHandler(BaseHandler):
         self.parser = None
         self.engine = None
         self.registry = None
+        self.metrics = None
 
     def initialize(self, context):
         started = time.perf_counter()
@@ -48,7 +50,8 @@ class StableDiffusionHandler(BaseHandler):
         self.registry.register(os.getpid())
         self._set_thread_count()
         pipeline = load_pipeline(locate_pipeline(model_dir), placement)
-        self.engine = GenerationEngine(pipeline, self.settings.max_batch_pixels)
+        self.metrics = ServiceMetrics(context.metrics, context.model_name)
+        self.engine = GenerationEngine(pipeline, self.settings.max_batch_pixels, on_call=self._record_call)
         self.parser = RequestParser(self.settings)
         if self.settings.warmup:
             self.engine.warm_up()
@@ -74,17 +77,24 @@ class StableDiffusionHandler(BaseHandler):
         for index, outcome in enumerate(data):
             if isinstance(outcome, GenerationResult):
                 request = outcome.request
+                started = time.perf_counter()
                 response = encode_images(outcome.images, request.output_format, list(request.seeds),
                                          request.parameters(), outcome.timings_ms)
+                self.metrics.encoded(time.perf_counter() - started)
                 self.context.set_response_content_type(index, response.content_type)
                 for name, value in response.headers.items():
                     self.context.set_response_header(index, name, value)
                 bodies.append(response.body)
             else:
+                self.metrics.rejected_request(outcome.reason)
                 self.context.set_response_status(outcome.status, HTTPStatus(outcome.status).phrase, index)
                 self.context.set_response_content_type(index, "application/json")
                 bodies.append(outcome.to_json())
         return bodies
+
+    def _record_call(self, images: int, pixel_steps: int, seconds: float) -> None:
+        self.metrics.generated(images, pixel_steps)
+        self.metrics.pipeline_call(seconds)
 
     def _parse(self, index, row):
         try:

@@ -158,3 +158,19 @@ def test_image_to_image_and_inpainting_through_the_server(torchserve):
     Image.new("1", (20000, 20000)).save(bomb, format="PNG")
     refused = predict(torchserve, json={"prompt": "a cat", "image": base64.b64encode(bomb.getvalue()).decode()})
     assert refused.status_code == 413 and "pixels" in refused.json()["error"]["message"]
+
+
+def test_custom_metrics_reach_prometheus(torchserve):
+    assert predict(torchserve, json={"prompt": "a cat", **SMALL}).status_code == 200
+    assert predict(torchserve, json={"prompt": "a cat", "width": 65}).status_code == 400
+    text = requests.get(f"{torchserve.metrics_url}/metrics", timeout=30).text
+
+    def value(name, *labels):
+        lines = [line for line in text.splitlines()
+                 if line.startswith(name) and all(label in line for label in labels)]
+        return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+
+    assert value("GeneratedImages", 'ModelName="stable_diffusion"') >= 1
+    assert value("GeneratedPixelSteps") >= 64 * 64 * 2
+    assert value("PipelineSeconds_count") >= 1 and value("EncodeSeconds_count") >= 1
+    assert value("RejectedRequests", 'Reason="invalid_field"') >= 1
