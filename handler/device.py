@@ -37,6 +37,31 @@ def choose_placement(settings: HandlerSettings, cuda_available: bool, gpu_id: Op
     return Placement(device=device, dtype=dtype)
 
 
+def plan_optimizations(settings: HandlerSettings, placement: Placement) -> list[str]:
+    """The speed and memory options to apply, in order, for this placement.
+
+    SDPA attention is PyTorch's default in diffusers, so it needs no step; attention slicing replaces it
+    to save memory. Model CPU offload moves each component to the GPU only while it runs, so it needs CUDA
+    and replaces placing the whole pipeline on the device. torch.compile compiles the UNet; the warm-up
+    generation then pays the compilation instead of the first request.
+    """
+    on_cuda = placement.device.startswith("cuda")
+    if settings.cpu_offload and not on_cuda:
+        raise RuntimeError("cpu_offload needs CUDA: it moves components to the GPU only while they run")
+    steps = ["cpu_offload" if settings.cpu_offload else "place_on_device"]
+    if settings.attention == "slicing":
+        steps.append("attention_slicing")
+    if settings.channels_last:
+        steps.append("channels_last")
+    if settings.vae_slicing:
+        steps.append("vae_slicing")
+    if settings.vae_tiling:
+        steps.append("vae_tiling")
+    if settings.torch_compile:
+        steps.append("torch_compile")
+    return steps
+
+
 def available_cores() -> int:
     """Cores this process may run on (the affinity mask, which containers and taskset narrow)."""
     return len(os.sched_getaffinity(0))

@@ -4,18 +4,44 @@ import logging
 import time
 from pathlib import Path
 
-from handler.device import Placement
+from handler.device import Placement, plan_optimizations
+from handler.settings import HandlerSettings
 
 logger = logging.getLogger(__name__)
 
 
-def load_pipeline(folder: Path, placement: Placement):
-    """Load the pipeline in ``folder`` with ``local_files_only`` (a worker must never reach a hub)."""
+def load_pipeline(folder: Path, placement: Placement, settings: HandlerSettings = HandlerSettings()):
+    """Load the pipeline in ``folder`` with ``local_files_only`` (a worker must never reach a hub), place it
+    and apply the speed/memory options the settings ask for."""
     from diffusers import DiffusionPipeline
 
     started = time.perf_counter()
-    pipeline = DiffusionPipeline.from_pretrained(folder, local_files_only=True, torch_dtype=placement.dtype)
-    pipeline.to(placement.device)
-    logger.info("loaded %s from %s on %s as %s in %.2f s", type(pipeline).__name__, folder, placement.device,
-                placement.dtype, time.perf_counter() - started)
+    pipeline = DiffusionPipeline.from_pretrained(folder, local_files_only=True, dtype=placement.dtype)
+    steps = plan_optimizations(settings, placement)
+    for step in steps:
+        apply_optimization(pipeline, step, placement, settings)
+    logger.info("loaded %s from %s on %s as %s with %s in %.2f s", type(pipeline).__name__, folder,
+                placement.device, placement.dtype, ", ".join(steps), time.perf_counter() - started)
     return pipeline
+
+
+def apply_optimization(pipeline, step: str, placement: Placement, settings: HandlerSettings) -> None:
+    """Apply one step of plan_optimizations() to a loaded pipeline."""
+    import torch
+
+    if step == "place_on_device":
+        pipeline.to(placement.device)
+    elif step == "cpu_offload":
+        pipeline.enable_model_cpu_offload(device=placement.device)
+    elif step == "attention_slicing":
+        pipeline.enable_attention_slicing()
+    elif step == "channels_last":
+        pipeline.unet.to(memory_format=torch.channels_last)
+    elif step == "vae_slicing":
+        pipeline.vae.enable_slicing()
+    elif step == "vae_tiling":
+        pipeline.vae.enable_tiling()
+    elif step == "torch_compile":
+        pipeline.unet = torch.compile(pipeline.unet, mode=settings.compile_mode)
+    else:
+        raise ValueError(f"unknown optimization step {step!r}")

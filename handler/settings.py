@@ -11,6 +11,8 @@ from typing import Any, Mapping, Optional
 OUTPUT_FORMATS = ("array", "png", "jpeg", "webp", "npy", "json")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+ATTENTION = ("sdpa", "slicing")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
 class SettingsError(ValueError):
@@ -42,6 +44,13 @@ class HandlerSettings:
     dtype: str = "auto"
     torch_threads: int = 0
     warmup: bool = True
+    attention: str = "sdpa"
+    channels_last: bool = False
+    torch_compile: bool = False
+    compile_mode: str = "default"
+    vae_slicing: bool = False
+    vae_tiling: bool = False
+    cpu_offload: bool = False
 
     @classmethod
     def from_mapping(cls, values: Optional[Mapping[str, Any]]) -> "HandlerSettings":
@@ -77,6 +86,9 @@ class HandlerSettings:
                 f"default_output_format must be one of {list(OUTPUT_FORMATS)}, got {self.default_output_format!r}")
         require(self.device in DEVICES, f"device must be one of {list(DEVICES)}, got {self.device!r}")
         require(self.dtype in DTYPES, f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+        require(self.attention in ATTENTION, f"attention must be one of {list(ATTENTION)}, got {self.attention!r}")
+        require(self.compile_mode in COMPILE_MODES,
+                f"compile_mode must be one of {list(COMPILE_MODES)}, got {self.compile_mode!r}")
         require(self.min_side >= 8 and self.min_side % 8 == 0, f"min_side must be a multiple of 8, got {self.min_side}")
         require(self.max_side >= self.min_side and self.max_side % 8 == 0,
                 f"max_side must be a multiple of 8 and at least min_side, got {self.max_side}")

@@ -49,7 +49,7 @@ class StableDiffusionHandler(BaseHandler):
         self.registry = WorkerRegistry(model_dir / WORKER_REGISTRY_FOLDER)
         self.registry.register(os.getpid())
         self._set_thread_count()
-        pipeline = load_pipeline(locate_pipeline(model_dir), placement)
+        pipeline = load_pipeline(locate_pipeline(model_dir), placement, self.settings)
         self.metrics = ServiceMetrics(context.metrics, context.model_name)
         self.engine = GenerationEngine(pipeline, self.settings.max_batch_pixels, on_call=self._record_call)
         self.parser = RequestParser(self.settings)

@@ -1,0 +1,56 @@
+"""Device presets: the decisions are pure functions (covered on CPU); CPU-capable options run for real.
+
+CUDA-only paths (float16, cpu_offload) are checked here as decisions only: this machine has no GPU, so
+their speed and memory effects are not measured here.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from handler.device import Placement, plan_optimizations
+from handler.generation import GenerationEngine
+from handler.loading import load_pipeline
+from handler.request import GenerationRequest
+from handler.settings import HandlerSettings, SettingsError
+
+CPU = Placement("cpu", torch.float32)
+CUDA = Placement("cuda:1", torch.float16)
+
+
+def test_default_plan_only_places_the_pipeline():
+    assert plan_optimizations(HandlerSettings(), CPU) == ["place_on_device"]
+
+
+def test_every_option_is_planned_in_order():
+    settings = HandlerSettings(attention="slicing", channels_last=True, vae_slicing=True, vae_tiling=True,
+                               torch_compile=True, cpu_offload=True)
+    assert plan_optimizations(settings, CUDA) == ["cpu_offload", "attention_slicing", "channels_last",
+                                                  "vae_slicing", "vae_tiling", "torch_compile"]
+
+
+def test_cpu_offload_without_cuda_fails_the_load():
+    with pytest.raises(RuntimeError, match="cpu_offload needs CUDA"):
+        plan_optimizations(HandlerSettings(cpu_offload=True), CPU)
+
+
+@pytest.mark.parametrize("key, value", [("attention", "flash"), ("compile_mode", "fast")])
+def test_unknown_choices_are_rejected(key, value):
+    with pytest.raises(SettingsError, match=key):
+        HandlerSettings.from_mapping({key: value})
+
+
+def generate(pipeline) -> np.ndarray:
+    request = GenerationRequest(prompt="a cat", negative_prompt=None, num_inference_steps=2, guidance_scale=7.5,
+                                width=64, height=64, seeds=(3, 4), scheduler=None, output_format="npy")
+    return GenerationEngine(pipeline, 10**7).generate([request])[0].images
+
+
+def test_memory_options_apply_and_keep_the_images(tiny_pipeline_dir):
+    plain = generate(load_pipeline(tiny_pipeline_dir, CPU))
+    settings = HandlerSettings(attention="slicing", channels_last=True, vae_slicing=True, vae_tiling=True)
+    optimized_pipeline = load_pipeline(tiny_pipeline_dir, CPU, settings)
+    assert optimized_pipeline.vae.use_slicing and optimized_pipeline.vae.use_tiling
+    assert optimized_pipeline.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    optimized = generate(optimized_pipeline)
+    assert np.abs(plain.astype(int) - optimized.astype(int)).max() <= 2
