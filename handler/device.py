@@ -95,7 +95,9 @@ class WorkerRegistry:
     def live_count(self) -> int:
         live = 0
         for entry in self.folder.iterdir():
-            if entry.name.isdigit() and _process_alive(int(entry.name)):
+            if not (entry.name.isascii() and entry.name.isdigit()):
+                continue
+            if _process_alive(int(entry.name)):
                 live += 1
             else:
                 entry.unlink(missing_ok=True)

@@ -43,8 +43,8 @@ class EncodedResponse:
 def array_json(images: np.ndarray) -> bytes:
     """Compact JSON for a uint8 array of any shape, byte-identical to
     ``json.dumps(images.tolist(), separators=(",", ":"))`` and about 50x faster."""
-    if images.dtype != np.uint8 or images.ndim == 0:
-        raise ValueError(f"expected a uint8 array with at least one axis, got {images.dtype} {images.shape}")
+    if images.dtype != np.uint8 or images.ndim == 0 or images.size == 0:
+        raise ValueError(f"expected a non-empty uint8 array with at least one axis, got {images.dtype} {images.shape}")
     # Every value becomes "ddd," (digits padded to 3 with spaces); each axis is then wrapped in brackets.
     block = np.empty(images.shape + (4,), dtype=np.uint8)
     block[..., :3] = _DIGITS[images]

@@ -21,6 +21,7 @@ def decode_image(field: str, value, max_pixels: int, mode: str) -> Image.Image:
     if not isinstance(value, str) or not value:
         raise invalid(field, f"{field} must be a base64 string or a data URL (data:image/png;base64,...)")
     encoded = value.split(",", 1)[1] if value.startswith("data:") and "," in value else value
+    encoded = "".join(encoded.split())  # `base64 file.png` and encodebytes() wrap lines
     try:
         raw = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):

@@ -48,7 +48,10 @@ def locate_pipeline(model_dir: Path) -> Path:
         raise ArchiveError(f"no {MODEL_INDEX} and no .zip in {model_dir}: the archive holds no diffusers pipeline")
     if len(archives) > 1:
         raise ArchiveError(f"several zips in {model_dir} ({[path.name for path in archives]}); package one pipeline")
-    unpack_once(archives[0], unpacked)
+    if unpack_once(archives[0], unpacked):
+        logger.info("unpacked %s into %s", archives[0].name, unpacked)
+    else:
+        logger.info("reusing %s, unpacked by another worker", unpacked)
     folder = find_pipeline_folder(unpacked)
     if folder is None:
         raise ArchiveError(f"{archives[0].name} holds no {MODEL_INDEX}")

@@ -147,12 +147,12 @@ class RequestParser:
                                       OUTPUT_FORMATS)
 
         image = mask_image = strength = None
-        if body.get("image") is not None:
+        if values.present("image"):
             image = decode_image("image", body["image"], settings.max_input_image_pixels, "RGB")
             strength = values.number("strength", settings.default_strength, 0.0, 1.0, low_exclusive=True)
-        elif body.get("strength") is not None:
+        elif values.present("strength"):
             raise invalid("strength", "strength only applies with an input image; add the field image")
-        if body.get("mask_image") is not None:
+        if values.present("mask_image"):
             if image is None:
                 raise invalid("mask_image", "mask_image needs an input image in the field image")
             mask_image = decode_image("mask_image", body["mask_image"], settings.max_input_image_pixels, "L")
@@ -269,6 +269,10 @@ class _Values:
     def __init__(self, body: dict[str, Any], from_form: bool):
         self.body = body
         self.from_form = from_form
+
+    def present(self, name: str) -> bool:
+        """Whether the client gave the field (an empty form field counts as left out)."""
+        return self._get(name) is not None
 
     def _get(self, name: str):
         value = self.body.get(name)

@@ -535,3 +535,14 @@ def test_integer_too_large_for_a_float_is_400(parser, name):
 def test_body_of_unexpected_type(parser):
     error = parse_error(parser, {"body": [1, 2, 3]})
     assert error.status == 400
+
+
+def test_line_wrapped_base64_images_are_accepted(parser):
+    wrapped = base64.encodebytes(png_bytes(64, 64)).decode()
+    assert "\n" in wrapped
+    assert parse(parser, {"body": {"prompt": "a", "image": wrapped}}).task == "image-to-image"
+
+
+def test_empty_form_image_fields_mean_left_out(parser):
+    request = parse(parser, {"prompt": b"a", "image": b"", "mask_image": b"", "strength": b""})
+    assert request.task == "text-to-image" and request.strength is None
