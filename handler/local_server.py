@@ -128,7 +128,13 @@ class LocalTorchServe:
             return None
 
     def keys(self) -> dict:
-        return json.loads((self.folder / "key_file.json").read_text())
+        """The tokens in key_file.json, which TorchServe rewrites in place (at start, on token renewal)."""
+        for _ in range(50):
+            try:
+                return json.loads((self.folder / "key_file.json").read_text())
+            except (OSError, json.JSONDecodeError):
+                time.sleep(0.1)
+        raise RuntimeError(f"no readable key_file.json in {self.folder}")
 
     def inference_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.keys()['inference']['key']}"}
