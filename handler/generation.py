@@ -21,8 +21,6 @@ from handler.schedulers import SchedulerFactory
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("text-to-image", "image-to-image", "inpainting")
-
 
 @dataclass
 class GenerationResult:
@@ -71,8 +69,10 @@ class GenerationEngine:
             except (ValueError, KeyError) as error:
                 logger.info("%s is not available for %s: %s", task, type(pipeline).__name__, error)
 
-    def supports(self, task: str) -> bool:
-        return task in self._task_pipelines
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The tasks this pipeline can run (image-to-image and inpainting exist for most families)."""
+        return tuple(self._task_pipelines)
 
     def warm_up(self) -> None:
         """One tiny generation, so the first client request does not pay for lazy initialisation."""
@@ -96,10 +96,6 @@ class GenerationEngine:
 
     def _run_group(self, group: list[GenerationRequest]) -> list:
         first = group[0]
-        if not self.supports(first.task):
-            error = RequestError(400, f"{first.task} is not supported by {type(self.pipeline).__name__}",
-                                 field="image", reason="unsupported_task")
-            return [error] * len(group)
         started = time.perf_counter()
         try:
             images = self._call_pipeline(group)

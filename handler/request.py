@@ -12,9 +12,10 @@ from typing import Any, Mapping, Optional
 
 from PIL import Image
 
+from handler.capabilities import ModelCapabilities
 from handler.errors import RequestError, invalid
 from handler.images import decode_image
-from handler.schedulers import SCHEDULERS
+from handler.schedulers import DISCRETE, FLOW_MATCHING, scheduler_names
 from handler.settings import OUTPUT_FORMATS, HandlerSettings
 
 MAX_SEED = 2**63 - 1
@@ -110,7 +111,8 @@ def describe_fields(settings: HandlerSettings) -> list[FieldDoc]:
         FieldDoc("height", str(settings.default_height), side),
         FieldDoc("seed", "random", f"integer, 0 .. {MAX_SEED}; image i uses seed + i"),
         FieldDoc("num_images", "1", f"integer, 1 .. {settings.max_images}; width*height*num_images <= {settings.max_request_pixels}"),
-        FieldDoc("scheduler", "the pipeline's", ", ".join(SCHEDULERS)),
+        FieldDoc("scheduler", "the pipeline's", ", ".join(scheduler_names(DISCRETE)) + "; SD3 and Flux: "
+                 + ", ".join(scheduler_names(FLOW_MATCHING))),
         FieldDoc("output_format", settings.default_output_format, ", ".join(OUTPUT_FORMATS) + "; or the Accept header"),
         FieldDoc("image", "none", f"base64 or data URL of a PNG, JPEG or WebP, at most {settings.max_input_image_pixels} pixels"),
         FieldDoc("mask_image", "none", "like image; white pixels are repainted; needs image"),
@@ -119,10 +121,11 @@ def describe_fields(settings: HandlerSettings) -> list[FieldDoc]:
 
 
 class RequestParser:
-    """Validates request bodies against the settings of the loaded model."""
+    """Validates request bodies against the settings and capabilities of the loaded model."""
 
-    def __init__(self, settings: HandlerSettings):
+    def __init__(self, settings: HandlerSettings, capabilities: ModelCapabilities = ModelCapabilities()):
         self.settings = settings
+        self.capabilities = capabilities
 
     def parse(self, row: Mapping[str, Any], headers: Mapping[str, str]) -> GenerationRequest:
         """Parse one TorchServe request row; raises RequestError for anything the client must fix."""
@@ -136,17 +139,25 @@ class RequestParser:
             raise invalid(unknown[0], f"unknown field(s) {unknown}; known fields: {list(FIELD_NAMES)}",
                           reason="unknown_field")
         values = _Values(body, from_form)
+        capabilities = self.capabilities
         prompt = values.text("prompt", settings.max_prompt_length, required=True)
         negative_prompt = values.text("negative_prompt", settings.max_prompt_length, required=False)
+        if negative_prompt is not None and not capabilities.negative_prompt:
+            raise invalid("negative_prompt", f"negative_prompt is not supported by {capabilities.pipeline_class}: "
+                          "the model has no classifier-free guidance; leave the field out")
         steps = values.integer("num_inference_steps", settings.default_steps, 1, settings.max_steps)
         guidance = values.number("guidance_scale", settings.default_guidance_scale, 0.0, MAX_GUIDANCE)
         num_images = values.integer("num_images", 1, 1, settings.max_images)
         seed = values.integer("seed", None, 0, MAX_SEED)
-        scheduler = values.choice("scheduler", None, tuple(SCHEDULERS))
+        scheduler = values.choice("scheduler", None, capabilities.schedulers)
         output_format = values.choice("output_format", _format_from_accept(accept) or settings.default_output_format,
                                       OUTPUT_FORMATS)
 
         image = mask_image = strength = None
+        for field_name, task in (("image", "image-to-image"), ("mask_image", "inpainting")):
+            if values.present(field_name) and task not in capabilities.tasks:
+                raise invalid(field_name, f"{task} is not supported by {capabilities.pipeline_class}; "
+                              f"supported: {list(capabilities.tasks)}", reason="unsupported_task")
         if values.present("image"):
             image = decode_image("image", body["image"], settings.max_input_image_pixels, "RGB")
             strength = values.number("strength", settings.default_strength, 0.0, 1.0, low_exclusive=True)
@@ -159,7 +170,8 @@ class RequestParser:
 
         default_width, default_height = settings.default_width, settings.default_height
         if image is not None:
-            default_width, default_height = (side // 8 * 8 for side in image.size)
+            multiple = capabilities.size_multiple
+            default_width, default_height = (side // multiple * multiple for side in image.size)
         width = self._side(values, "width", default_width, image is not None)
         height = self._side(values, "height", default_height, image is not None)
         if width * height > settings.max_pixels:
@@ -186,7 +198,8 @@ class RequestParser:
 
     def _side(self, values: "_Values", name: str, default: int, from_image: bool) -> int:
         settings = self.settings
-        value = values.integer(name, default, settings.min_side, settings.max_side, multiple_of=8)
+        value = values.integer(name, default, settings.min_side, settings.max_side,
+                               multiple_of=self.capabilities.size_multiple)
         if from_image and name not in values.body and not settings.min_side <= value <= settings.max_side:
             raise invalid(name, f"the input image's {name} ({value}) is outside {settings.min_side} .. "
                           f"{settings.max_side}; pass {name} to resize it")

@@ -11,12 +11,21 @@ from typing import Any
 import diffusers
 
 
+DISCRETE = "discrete"
+FLOW_MATCHING = "flow_matching"
+
+
 @dataclass(frozen=True)
 class SchedulerChoice:
-    """A diffusers scheduler class and the config overrides that turn it into the named sampler."""
+    """A diffusers scheduler class and the config overrides that turn it into the named sampler.
+
+    ``kind`` says which models it fits: noise-prediction (discrete) models (SD 1/2, SDXL) or flow-matching
+    models (SD3, Flux), whose configs and timesteps the other kind cannot use.
+    """
 
     class_name: str
     overrides: dict[str, Any] = field(default_factory=dict)
+    kind: str = DISCRETE
 
 
 SCHEDULERS: dict[str, SchedulerChoice] = {
@@ -29,7 +38,18 @@ SCHEDULERS: dict[str, SchedulerChoice] = {
     "unipc": SchedulerChoice("UniPCMultistepScheduler"),
     "lms": SchedulerChoice("LMSDiscreteScheduler"),
     "heun": SchedulerChoice("HeunDiscreteScheduler"),
+    "flow_match_euler": SchedulerChoice("FlowMatchEulerDiscreteScheduler", kind=FLOW_MATCHING),
 }
+
+
+def scheduler_kind(scheduler) -> str:
+    """Whether a loaded scheduler is a flow-matching one (SD3, Flux) or a discrete noise-prediction one."""
+    return FLOW_MATCHING if "FlowMatch" in type(scheduler).__name__ else DISCRETE
+
+
+def scheduler_names(kind: str) -> tuple[str, ...]:
+    """The names a request may use with a model whose scheduler is of ``kind``."""
+    return tuple(name for name, choice in SCHEDULERS.items() if choice.kind == kind)
 
 
 class SchedulerFactory:
@@ -38,7 +58,8 @@ class SchedulerFactory:
     def __init__(self, base_scheduler):
         self._base_scheduler = base_scheduler
         self._configs = {}
-        for name, choice in SCHEDULERS.items():
+        for name in scheduler_names(scheduler_kind(base_scheduler)):
+            choice = SCHEDULERS[name]
             scheduler_class = getattr(diffusers, choice.class_name)
             self._configs[name] = (scheduler_class, {**base_scheduler.config, **choice.overrides})
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
+from handler.capabilities import capabilities_of
 from handler.device import WorkerRegistry, available_cores, choose_placement, threads_per_worker
 from handler.encoding import encode_images
 from handler.errors import RequestError
@@ -52,7 +53,7 @@ class StableDiffusionHandler(BaseHandler):
         pipeline = load_pipeline(locate_pipeline(model_dir), placement, self.settings)
         self.metrics = ServiceMetrics(context.metrics, context.model_name)
         self.engine = GenerationEngine(pipeline, self.settings.max_batch_pixels, on_call=self._record_call)
-        self.parser = RequestParser(self.settings)
+        self.parser = RequestParser(self.settings, capabilities_of(pipeline, self.engine.tasks))
         if self.settings.warmup:
             self.engine.warm_up()
         self.initialized = True

@@ -13,7 +13,8 @@ from PIL import Image
 
 from handler.errors import RequestError
 from handler.request import FIELD_NAMES, GenerationRequest, RequestParser
-from handler.schedulers import SCHEDULERS
+from handler.capabilities import ModelCapabilities
+from handler.schedulers import DISCRETE, FLOW_MATCHING, scheduler_names
 from handler.settings import HandlerSettings
 
 DEFAULTS = HandlerSettings()
@@ -370,8 +371,9 @@ def test_unknown_scheduler_lists_choices(parser):
     error = parse_error(parser, {"body": {"prompt": "a cat", "scheduler": "k_lms"}})
     assert error.field == "scheduler"
     assert "k_lms" in error.message
-    for name in SCHEDULERS:
+    for name in scheduler_names(DISCRETE):
         assert name in error.message
+    assert "flow_match_euler" not in error.message
 
 
 def test_long_prompt(parser):
@@ -546,3 +548,25 @@ def test_line_wrapped_base64_images_are_accepted(parser):
 def test_empty_form_image_fields_mean_left_out(parser):
     request = parse(parser, {"prompt": b"a", "image": b"", "mask_image": b"", "strength": b""})
     assert request.task == "text-to-image" and request.strength is None
+
+
+FLUX_LIKE = ModelCapabilities(pipeline_class="FluxPipeline", size_multiple=16,
+                              schedulers=scheduler_names(FLOW_MATCHING), negative_prompt=False,
+                              tasks=("text-to-image",))
+
+
+@pytest.mark.parametrize("body, field, fragment", [
+    ({"width": 72}, "width", "multiple of 16"),
+    ({"scheduler": "ddim"}, "scheduler", "flow_match_euler"),
+    ({"negative_prompt": "blurry"}, "negative_prompt", "not supported by FluxPipeline"),
+    ({"image": b64(png_bytes(64, 64))}, "image", "image-to-image is not supported by FluxPipeline"),
+])
+def test_family_capabilities_shape_the_contract(body, field, fragment):
+    error = parse_error(RequestParser(HandlerSettings(), FLUX_LIKE), {"body": {"prompt": "a cat", **body}})
+    assert error.field == field and fragment in error.message
+
+
+def test_family_capabilities_accept_what_the_family_supports():
+    request = parse(RequestParser(HandlerSettings(), FLUX_LIKE),
+                    {"body": {"prompt": "a cat", "width": 80, "scheduler": "flow_match_euler"}})
+    assert request.width == 80 and request.scheduler == "flow_match_euler"

@@ -13,7 +13,7 @@ from PIL import Image
 
 from handler.errors import RequestError
 from handler.request import FIELD_NAMES, GenerationRequest, RequestParser
-from handler.schedulers import SCHEDULERS
+from handler.schedulers import SCHEDULERS  # every name, valid or not for the model
 from handler.settings import OUTPUT_FORMATS, HandlerSettings
 
 SETTINGS = HandlerSettings()
