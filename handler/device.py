@@ -18,8 +18,14 @@ class Placement:
     dtype: torch.dtype
 
 
-def choose_placement(settings: HandlerSettings, cuda_available: bool, gpu_id: Optional[int]) -> Placement:
-    """CUDA (the GPU TorchServe assigned this worker) in float16 when present; else CPU in float32.
+# Families trained in bfloat16, whose activations overflow float16.
+BFLOAT16_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")
+
+
+def choose_placement(settings: HandlerSettings, cuda_available: bool, gpu_id: Optional[int],
+                     pipeline_class: str = "StableDiffusionPipeline") -> Placement:
+    """CUDA (the GPU TorchServe assigned this worker) in float16 (bfloat16 for SD3 and Flux) when present;
+    else CPU in float32.
 
     ``device: cuda`` on a machine without CUDA is an error rather than a silent CPU fallback: a GPU
     deployment that would run 100x slower should fail its model load, visibly.
@@ -28,8 +34,10 @@ def choose_placement(settings: HandlerSettings, cuda_available: bool, gpu_id: Op
         raise RuntimeError("model-config.yaml sets device: cuda but CUDA is not available to this worker")
     use_cuda = cuda_available and settings.device != "cpu"
     device = f"cuda:{gpu_id if gpu_id is not None else 0}" if use_cuda else "cpu"
-    if settings.dtype == "auto":
-        dtype = torch.float16 if use_cuda else torch.float32
+    if settings.dtype == "auto" and use_cuda:
+        dtype = torch.bfloat16 if pipeline_class in BFLOAT16_PIPELINES else torch.float16
+    elif settings.dtype == "auto":
+        dtype = torch.float32
     else:
         dtype = getattr(torch, settings.dtype)
     if not use_cuda and dtype == torch.float16:

@@ -10,6 +10,7 @@ import base64
 import io
 import json
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 from PIL import Image, PngImagePlugin
@@ -67,13 +68,16 @@ def _wrap_last_axis(block: np.ndarray) -> np.ndarray:
 
 
 def encode_images(images: np.ndarray, output_format: str, seeds: list[int], parameters: dict,
-                  timings_ms: dict[str, float]) -> EncodedResponse:
+                  timings_ms: dict[str, float], nsfw: Optional[list[bool]] = None) -> EncodedResponse:
     """The response for one request's images (uint8, N x H x W x 3) in the requested format.
 
     ``array`` and ``npy`` give one HxWx3 array for one image and NxHxWx3 for several; ``json`` lists every
     image as base64 PNG; ``png``/``jpeg``/``webp`` carry exactly one image (the parser enforces it).
+    Where the pipeline has a safety checker, ``nsfw`` holds its flag per image (header ``X-NSFW``).
     """
     headers = {"X-Seeds": ",".join(str(seed) for seed in seeds)}
+    if nsfw is not None:
+        headers["X-NSFW"] = ",".join(str(flag).lower() for flag in nsfw)
     content_type = CONTENT_TYPES[output_format]
     single = images[0] if len(images) == 1 else images
     if output_format == "array":
@@ -87,6 +91,7 @@ def encode_images(images: np.ndarray, output_format: str, seeds: list[int], para
             "images": [base64.b64encode(image_file(image, "png", parameters, seed)).decode("ascii")
                        for image, seed in zip(images, seeds)],
             "seeds": seeds,
+            **({"nsfw": nsfw} if nsfw is not None else {}),
             "parameters": parameters,
             "timings_ms": timings_ms,
         }).encode()

@@ -29,6 +29,7 @@ class GenerationResult:
     request: GenerationRequest
     images: np.ndarray
     timings_ms: dict[str, float] = field(default_factory=dict)
+    nsfw: Optional[list[bool]] = None
 
 
 def plan_groups(requests: list[GenerationRequest], max_batch_pixels: int) -> list[list[int]]:
@@ -52,8 +53,9 @@ class GenerationEngine:
     """Owns the loaded pipeline and the task pipelines that share its weights."""
 
     def __init__(self, pipeline, max_batch_pixels: int,
-                 on_call: Optional[Callable[[int, int, float], None]] = None):
-        """``on_call(images, pixel_steps, seconds)`` is told about every successful pipeline call (metrics)."""
+                 on_call: Optional[Callable[[int, int, float], None]] = None, safety_checker: bool = True):
+        """``on_call(images, pixel_steps, seconds)`` is told about every successful pipeline call (metrics).
+        ``safety_checker=False`` runs a pipeline that has one without it (an operator's choice)."""
         from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
 
         pipeline.set_progress_bar_config(disable=True)
@@ -61,11 +63,11 @@ class GenerationEngine:
         self.max_batch_pixels = max_batch_pixels
         self.on_call = on_call
         self._schedulers = SchedulerFactory(pipeline.scheduler)
-        self._task_pipelines = {"text-to-image": _constructor(pipeline)}
+        self._task_pipelines = {"text-to-image": _constructor(pipeline, safety_checker)}
         for task, auto_class in (("image-to-image", AutoPipelineForImage2Image),
                                  ("inpainting", AutoPipelineForInpainting)):
             try:
-                self._task_pipelines[task] = _constructor(auto_class.from_pipe(pipeline))
+                self._task_pipelines[task] = _constructor(auto_class.from_pipe(pipeline), safety_checker)
             except (ValueError, KeyError) as error:
                 logger.info("%s is not available for %s: %s", task, type(pipeline).__name__, error)
 
@@ -98,7 +100,7 @@ class GenerationEngine:
         first = group[0]
         started = time.perf_counter()
         try:
-            images = self._call_pipeline(group)
+            images, nsfw = self._call_pipeline(group)
         except (torch.OutOfMemoryError, MemoryError):
             logger.exception("out of memory generating %d image(s) at %dx%d",
                              sum(r.num_images for r in group), first.width, first.height)
@@ -119,11 +121,13 @@ class GenerationEngine:
         for request in group:
             count = request.num_images
             results.append(GenerationResult(request, images[offset:offset + count],
-                                            {"pipeline": elapsed_ms, "batch_images": len(images)}))
+                                            {"pipeline": elapsed_ms, "batch_images": len(images)},
+                                            nsfw[offset:offset + count] if nsfw is not None else None))
             offset += count
         return results
 
-    def _call_pipeline(self, group: list[GenerationRequest]) -> np.ndarray:
+    def _call_pipeline(self, group: list[GenerationRequest]) -> tuple[np.ndarray, Optional[list[bool]]]:
+        """Run one pipeline call; returns uint8 images and, where the pipeline has a safety checker, its flags."""
         first = group[0]
         pipeline_class, components = self._task_pipelines[first.task]
         pipeline = pipeline_class(**{**components, "scheduler": self._schedulers.create(first.scheduler)})
@@ -147,7 +151,9 @@ class GenerationEngine:
         if "height" in accepted:
             arguments["height"], arguments["width"] = first.height, first.width
         output = pipeline(**arguments)
-        return (np.clip(output.images, 0.0, 1.0) * 255).round().astype(np.uint8)
+        nsfw = getattr(output, "nsfw_content_detected", None)
+        images = (np.clip(output.images, 0.0, 1.0) * 255).round().astype(np.uint8)
+        return images, ([bool(flag) for flag in nsfw] if nsfw is not None else None)
 
     def _free_memory(self) -> None:
         gc.collect()
@@ -155,7 +161,7 @@ class GenerationEngine:
             torch.cuda.empty_cache()
 
 
-def _constructor(pipeline) -> tuple[type, dict]:
+def _constructor(pipeline, safety_checker: bool) -> tuple[type, dict]:
     """The class and constructor arguments that rebuild ``pipeline`` around the same weights.
 
     Building a pipeline object costs about a millisecond and copies no weights; it gives every call its
@@ -165,4 +171,6 @@ def _constructor(pipeline) -> tuple[type, dict]:
     for name in inspect.signature(type(pipeline).__init__).parameters:
         if name != "self" and name not in arguments and name in pipeline.config:
             arguments[name] = pipeline.config[name]
+    if not safety_checker and "safety_checker" in arguments:
+        arguments.update(safety_checker=None, requires_safety_checker=False)
     return type(pipeline), arguments

@@ -16,7 +16,8 @@ def load_pipeline(folder: Path, placement: Placement, settings: HandlerSettings 
     from diffusers import DiffusionPipeline
 
     started = time.perf_counter()
-    pipeline = DiffusionPipeline.from_pretrained(folder, local_files_only=True, dtype=placement.dtype)
+    pipeline = DiffusionPipeline.from_pretrained(folder, local_files_only=True, dtype=placement.dtype,
+                                                 variant=settings.variant or None)
     steps = plan_optimizations(settings, placement)
     for step in steps:
         apply_optimization(pipeline, step, placement, settings)

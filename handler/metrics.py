@@ -22,6 +22,7 @@ class ServiceMetrics:
                                                           MetricTypes.HISTOGRAM)
         self.encode_seconds = cache.add_metric_to_cache("EncodeSeconds", "Seconds", [MODEL], MetricTypes.HISTOGRAM)
         self.rejected = cache.add_metric_to_cache("RejectedRequests", "Count", [MODEL, REASON], MetricTypes.COUNTER)
+        self.flagged = cache.add_metric_to_cache("NSFWFlaggedImages", "Count", [MODEL], MetricTypes.COUNTER)
 
     def generated(self, images: int, pixel_steps: int) -> None:
         self.images.add_or_update(images, [self.model_name])
@@ -35,3 +36,6 @@ class ServiceMetrics:
 
     def rejected_request(self, reason: str) -> None:
         self.rejected.add_or_update(1, [self.model_name, reason])
+
+    def flagged_images(self, count: int) -> None:
+        self.flagged.add_or_update(count, [self.model_name])

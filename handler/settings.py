@@ -51,6 +51,8 @@ class HandlerSettings:
     vae_slicing: bool = False
     vae_tiling: bool = False
     cpu_offload: bool = False
+    variant: str = ""
+    safety_checker: bool = True
 
     @classmethod
     def from_mapping(cls, values: Optional[Mapping[str, Any]]) -> "HandlerSettings":

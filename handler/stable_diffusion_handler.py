@@ -20,7 +20,7 @@ from handler.errors import RequestError
 from handler.generation import GenerationEngine, GenerationResult
 from handler.loading import load_pipeline
 from handler.metrics import ServiceMetrics
-from handler.pipeline_files import locate_pipeline
+from handler.pipeline_files import locate_pipeline, pipeline_class_name
 from handler.request import RequestParser
 from handler.settings import HandlerSettings
 
@@ -46,13 +46,16 @@ class StableDiffusionHandler(BaseHandler):
         model_dir = Path(properties["model_dir"])
         model_config = context.model_yaml_config or {}
         self.settings = HandlerSettings.from_mapping(model_config.get("handler"))
-        placement = choose_placement(self.settings, torch.cuda.is_available(), properties.get("gpu_id"))
         self.registry = WorkerRegistry(model_dir / WORKER_REGISTRY_FOLDER)
         self.registry.register(os.getpid())
         self._set_thread_count()
-        pipeline = load_pipeline(locate_pipeline(model_dir), placement, self.settings)
+        folder = locate_pipeline(model_dir)
+        placement = choose_placement(self.settings, torch.cuda.is_available(), properties.get("gpu_id"),
+                                     pipeline_class_name(folder))
+        pipeline = load_pipeline(folder, placement, self.settings)
         self.metrics = ServiceMetrics(context.metrics, context.model_name)
-        self.engine = GenerationEngine(pipeline, self.settings.max_batch_pixels, on_call=self._record_call)
+        self.engine = GenerationEngine(pipeline, self.settings.max_batch_pixels, on_call=self._record_call,
+                                       safety_checker=self.settings.safety_checker)
         self.parser = RequestParser(self.settings, capabilities_of(pipeline, self.engine.tasks))
         if self.settings.warmup:
             self.engine.warm_up()
@@ -80,8 +83,10 @@ class StableDiffusionHandler(BaseHandler):
                 request = outcome.request
                 started = time.perf_counter()
                 response = encode_images(outcome.images, request.output_format, list(request.seeds),
-                                         request.parameters(), outcome.timings_ms)
+                                         request.parameters(), outcome.timings_ms, outcome.nsfw)
                 self.metrics.encoded(time.perf_counter() - started)
+                if outcome.nsfw:
+                    self.metrics.flagged_images(sum(outcome.nsfw))
                 self.context.set_response_content_type(index, response.content_type)
                 for name, value in response.headers.items():
                     self.context.set_response_header(index, name, value)

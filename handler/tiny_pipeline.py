@@ -243,7 +243,6 @@ def _build_sdxl(folder: Path, seed: int):
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4),
         use_linear_projection=True,
-        transformer_layers_per_block=(1, 2),
         cross_attention_dim=64,
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
@@ -301,17 +300,16 @@ def _build_sd3(folder: Path, seed: int):
     )
 
 
-def _t5_tokenizer(folder: Path):
-    """A Unigram T5 tokenizer whose pieces are single characters, saved as tokenizer.json (no sentencepiece)."""
+def _t5_tokenizer():
+    """A Unigram T5 tokenizer whose pieces are single ASCII characters; it saves as tokenizer.json, so loading it
+    needs neither sentencepiece nor a download."""
     from transformers import T5TokenizerFast
 
     characters = [chr(code) for code in range(ord("!"), ord("~") + 1)]
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
     vocab += [(character, -3.0) for character in characters]
     vocab += [("▁" + character, -3.0) for character in characters]
-    tokenizer = T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
-    tokenizer.save_pretrained(folder)
-    return T5TokenizerFast.from_pretrained(folder)
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
 
 
 def _build_flux(folder: Path, seed: int):
@@ -321,7 +319,7 @@ def _build_flux(folder: Path, seed: int):
     from transformers import T5Config, T5EncoderModel
 
     tokenizer = _clip_tokenizer(folder / "tokenizer")
-    tokenizer_2 = _t5_tokenizer(folder / "tokenizer_2")
+    tokenizer_2 = _t5_tokenizer()
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
         patch_size=1,

@@ -54,3 +54,14 @@ def test_memory_options_apply_and_keep_the_images(tiny_pipeline_dir):
     assert optimized_pipeline.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     optimized = generate(optimized_pipeline)
     assert np.abs(plain.astype(int) - optimized.astype(int)).max() <= 2
+
+
+@pytest.mark.parametrize("pipeline_class, expected", [
+    ("StableDiffusionPipeline", torch.float16), ("StableDiffusionXLPipeline", torch.float16),
+    ("StableDiffusion3Pipeline", torch.bfloat16), ("FluxPipeline", torch.bfloat16),
+])
+def test_auto_dtype_on_cuda_follows_the_family(pipeline_class, expected):
+    from handler.device import choose_placement
+
+    assert choose_placement(HandlerSettings(), True, 0, pipeline_class).dtype == expected
+    assert choose_placement(HandlerSettings(), False, None, pipeline_class).dtype == torch.float32
