@@ -16,6 +16,7 @@ import zipfile
 from pathlib import Path
 
 from handler.pipeline_files import find_pipeline_folder
+from handler.tiny_pipeline import FAMILIES, build_tiny_pipeline
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -31,10 +32,12 @@ def progress(message: str) -> None:
 def parse_arguments(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="build_mar.sh", description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--tiny", action="store_true", help="build a tiny random-weight SD 1.x pipeline offline")
+    source.add_argument("--tiny", action="store_true", help="build a tiny random-weight pipeline offline")
     source.add_argument("--model-dir", type=Path, help="a local diffusers pipeline folder (holds model_index.json)")
     source.add_argument("--model-id", help="a Hugging Face hub id to download, e.g. stabilityai/stable-diffusion-2-1")
     parser.add_argument("--revision", help="hub revision (branch, tag or commit) for --model-id")
+    parser.add_argument("--family", choices=FAMILIES, default="sd1",
+                        help="with --tiny: which pipeline family's layout to build (default: %(default)s)")
     parser.add_argument("--name", default="stable_diffusion", help="model name in TorchServe (default: %(default)s)")
     parser.add_argument("--archive-format", choices=("zip", "no-archive"), default="zip",
                         help="zip: one .mar file holding pipeline.zip; no-archive: a folder, which avoids zipping "
@@ -48,18 +51,18 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     arguments = parser.parse_args(argv)
     if arguments.revision and not arguments.model_id:
         parser.error("--revision goes with --model-id")
+    if arguments.family != "sd1" and not arguments.tiny:
+        parser.error("--family goes with --tiny")
     return arguments
 
 
 def pipeline_source(arguments: argparse.Namespace) -> Path:
     """The folder holding model_index.json, built or downloaded as the arguments ask."""
     if arguments.tiny:
-        from handler.tiny_pipeline import build_tiny_pipeline
-
-        folder = arguments.work_dir / "tiny-sd1"
-        progress(f"building the tiny random-weight pipeline in {folder}")
+        folder = arguments.work_dir / f"tiny-{arguments.family}"
+        progress(f"building the tiny random-weight {arguments.family} pipeline in {folder}")
         shutil.rmtree(folder, ignore_errors=True)
-        build_tiny_pipeline(folder)
+        build_tiny_pipeline(folder, arguments.family)
         return folder
     if arguments.model_dir:
         folder = find_pipeline_folder(arguments.model_dir) if arguments.model_dir.is_dir() else None

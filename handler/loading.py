@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 
 from handler.device import Placement, plan_optimizations
+from handler.pipeline_index import null_components
 from handler.settings import HandlerSettings
 
 logger = logging.getLogger(__name__)
@@ -17,7 +18,7 @@ def load_pipeline(folder: Path, placement: Placement, settings: HandlerSettings 
 
     started = time.perf_counter()
     pipeline = DiffusionPipeline.from_pretrained(folder, local_files_only=True, dtype=placement.dtype,
-                                                 variant=settings.variant or None)
+                                                 variant=settings.variant or None, **null_components(folder))
     steps = plan_optimizations(settings, placement)
     for step in steps:
         apply_optimization(pipeline, step, placement, settings)

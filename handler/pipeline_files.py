@@ -7,7 +7,6 @@ unpacks, the others wait and reuse its result.
 """
 
 import fcntl
-import json
 import logging
 import os
 import stat
@@ -35,11 +34,6 @@ def find_pipeline_folder(root: Path, max_depth: int = 2) -> Path | None:
         level = [child for folder in level for child in folder.iterdir()
                  if child.is_dir() and not child.is_symlink() and child.name != "MAR-INF"]
     return None
-
-
-def pipeline_class_name(folder: Path) -> str:
-    """The diffusers pipeline class a folder holds, from its model_index.json."""
-    return json.loads((Path(folder) / MODEL_INDEX).read_text()).get("_class_name", "DiffusionPipeline")
 
 
 def locate_pipeline(model_dir: Path) -> Path:

@@ -1,12 +1,17 @@
 """Read a saved pipeline's ``model_index.json``.
 
-``save_pretrained`` records a component that was ``None`` as ``[null, null]``. ``DiffusionPipeline.from_pretrained``
-loads optional components saved that way, but a required one (an SD3 saved without T5: ``text_encoder_3`` and
-``tokenizer_3``) fails to load unless it is passed as ``None`` explicitly.
+``save_pretrained`` records a component that was ``None`` as ``[null, null]``.
+``DiffusionPipeline.from_pretrained`` loads optional components saved that way, but refuses a required one (an SD3
+saved without T5: ``text_encoder_3`` and ``tokenizer_3``) unless it is passed as ``None`` explicitly.
 """
 
 import json
 from pathlib import Path
+
+
+def pipeline_class_name(folder: Path) -> str:
+    """The diffusers pipeline class a folder holds (decides per-family defaults before loading)."""
+    return json.loads((Path(folder) / "model_index.json").read_text()).get("_class_name", "DiffusionPipeline")
 
 
 def null_components(folder: Path) -> dict:

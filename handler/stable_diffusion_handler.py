@@ -20,7 +20,8 @@ from handler.errors import RequestError
 from handler.generation import GenerationEngine, GenerationResult
 from handler.loading import load_pipeline
 from handler.metrics import ServiceMetrics
-from handler.pipeline_files import locate_pipeline, pipeline_class_name
+from handler.pipeline_files import locate_pipeline
+from handler.pipeline_index import pipeline_class_name
 from handler.request import RequestParser
 from handler.settings import HandlerSettings
 

@@ -33,7 +33,8 @@ class FamilyInfo:
     scheduler_kind: str
 
 
-# Size multiple: the VAE halves the side 3 times (8); SD3 and Flux transformers also patchify 2x2 latents (16).
+# Size multiple: the VAE halves the side 3 times (8); SD3's transformer then patchifies 2x2 latents and Flux's
+# pipeline packs 2x2 latents into channels (16). SD/SDXL/SD3 refuse other sizes, Flux silently rounds down.
 FAMILY_INFO = {
     "sd1": FamilyInfo("StableDiffusionPipeline", 8, 768, True, "discrete"),
     "sd1-safety": FamilyInfo("StableDiffusionPipeline", 8, 768, True, "discrete"),
