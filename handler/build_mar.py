@@ -16,7 +16,7 @@ import zipfile
 from pathlib import Path
 
 from handler.pipeline_files import find_pipeline_folder
-from handler.tiny_pipeline import FAMILIES, build_tiny_pipeline
+from handler.families import FAMILIES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -59,6 +59,8 @@ def parse_arguments(argv=None) -> argparse.Namespace:
 def pipeline_source(arguments: argparse.Namespace) -> Path:
     """The folder holding model_index.json, built or downloaded as the arguments ask."""
     if arguments.tiny:
+        from handler.tiny_pipeline import build_tiny_pipeline
+
         folder = arguments.work_dir / f"tiny-{arguments.family}"
         progress(f"building the tiny random-weight {arguments.family} pipeline in {folder}")
         shutil.rmtree(folder, ignore_errors=True)

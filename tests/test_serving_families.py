@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import run_build_mar
 from handler.local_server import LocalTorchServe
-from handler.tiny_pipeline import FAMILIES
+from handler.families import FAMILIES
 
 pytestmark = pytest.mark.serving
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from handler.pipeline_index import null_components
-from handler.tiny_pipeline import FAMILIES, FAMILY_INFO, build_tiny_pipeline
+from handler.families import FAMILIES, FAMILY_INFO
+from handler.tiny_pipeline import build_tiny_pipeline
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -93,3 +94,16 @@ def test_family_specifics(built):
 def test_unknown_family_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown family"):
         build_tiny_pipeline(tmp_path, "sd4")
+
+
+def test_serving_capabilities_read_the_family_facts_off_the_pipeline(built):
+    from handler.capabilities import TASKS, capabilities_of
+    from handler.schedulers import scheduler_names
+
+    family, _, pipeline = built
+    info = FAMILY_INFO[family]
+    capabilities = capabilities_of(pipeline, TASKS)
+    assert capabilities.pipeline_class == info.pipeline_class
+    assert capabilities.size_multiple == info.size_multiple
+    assert capabilities.negative_prompt == info.negative_prompt
+    assert capabilities.schedulers == scheduler_names(info.scheduler_kind)
