@@ -7,6 +7,7 @@ staging and ``torch-model-archiver`` call, so a real model is packaged exactly l
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGE_DIR = Path(__file__).resolve().parent
 PIPELINE_ZIP = "pipeline.zip"
 PIPELINE_FOLDER = "pipeline"
-DOWNLOAD_PATTERNS = ["*.json", "*.txt", "*.safetensors", "*.model", "*.py"]
+# A pipeline's configs, tokenizers and per-component safetensors weights; not root-level single-file
+# checkpoints, and not weight variants (diffusion_pytorch_model.fp16.safetensors), which would multiply the size.
+DOWNLOAD_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors", "*/*.model"]
+VARIANT_PATTERNS = ["*/*.*.safetensors"]
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
 def progress(message: str) -> None:
@@ -53,6 +58,8 @@ def parse_arguments(argv=None) -> argparse.Namespace:
         parser.error("--revision goes with --model-id")
     if arguments.family != "sd1" and not arguments.tiny:
         parser.error("--family goes with --tiny")
+    if not MODEL_NAME.fullmatch(arguments.name):
+        parser.error(f"--name must be letters, digits, _ and -, starting with a letter or digit; got {arguments.name!r}")
     return arguments
 
 
@@ -82,7 +89,8 @@ def download(model_id: str, revision, downloads: Path) -> Path:
     target = downloads / model_id.replace("/", "--")
     progress(f"downloading {model_id}{'@' + revision if revision else ''} to {target}")
     try:
-        snapshot_download(model_id, revision=revision, local_dir=target, allow_patterns=DOWNLOAD_PATTERNS)
+        snapshot_download(model_id, revision=revision, local_dir=target, allow_patterns=DOWNLOAD_PATTERNS,
+                          ignore_patterns=VARIANT_PATTERNS)
     except Exception as error:
         raise SystemExit(
             f"build_mar: could not download {model_id}: {type(error).__name__}: {error}\n"

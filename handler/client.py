@@ -37,8 +37,9 @@ class GenerationFailed(RuntimeError):
 
 
 def read_token(token_file: Optional[Path] = None) -> Optional[str]:
-    """The inference token: TORCHSERVE_TOKEN, else the ``inference`` key of TorchServe's key_file.json."""
-    if os.environ.get("TORCHSERVE_TOKEN"):
+    """The inference token: from ``token_file`` if given, else TORCHSERVE_TOKEN, else the ``inference`` key of
+    ./key_file.json or ./run/key_file.json."""
+    if token_file is None and os.environ.get("TORCHSERVE_TOKEN"):
         return os.environ["TORCHSERVE_TOKEN"]
     for candidate in ([token_file] if token_file else TOKEN_FILES):
         if candidate.is_file():

@@ -1,6 +1,8 @@
 """Decisions about where and how the pipeline runs, kept free of side effects so CPU tests cover them."""
 
+import hashlib
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -71,15 +73,17 @@ def plan_optimizations(settings: HandlerSettings, placement: Placement) -> list[
 
 
 def available_cores() -> int:
-    """Cores this process may run on (the affinity mask, which containers and taskset narrow)."""
-    return len(os.sched_getaffinity(0))
+    """Cores this process may run on: the affinity mask (taskset, cpusets) where the OS has one."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def threads_per_worker(cores: int, live_workers: int, override: int) -> int:
     """Torch intra-op threads for one worker: an even share of the cores, or the configured number.
 
     Two workers that each use every core on a 2-core machine run ten times slower than one worker
-    (TORCHSERVE-NOTES.md); an even share keeps N workers from oversubscribing C cores.
+    (measured on TorchServe 0.12); an even share keeps N workers from oversubscribing C cores.
     """
     if override > 0:
         return override
@@ -97,10 +101,23 @@ class WorkerRegistry:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
 
+    @classmethod
+    def for_model(cls, model_dir: Path) -> "WorkerRegistry":
+        """The registry of a model's workers, in the temp folder: a model folder may be read-only."""
+        key = hashlib.sha256(str(Path(model_dir).resolve()).encode()).hexdigest()[:16]
+        return cls(Path(tempfile.gettempdir()) / "torchserve-diffusers-workers" / key)
+
     def register(self, pid: int) -> None:
         (self.folder / str(pid)).touch()
 
     def live_count(self) -> int:
+        """Live registered workers, at least 1; 1 if the folder cannot be read (never fail a batch over it)."""
+        try:
+            return self._count_live()
+        except OSError:
+            return 1
+
+    def _count_live(self) -> int:
         live = 0
         for entry in self.folder.iterdir():
             if not (entry.name.isascii() and entry.name.isdigit()):

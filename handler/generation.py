@@ -76,11 +76,12 @@ class GenerationEngine:
         """The tasks this pipeline can run (image-to-image and inpainting exist for most families)."""
         return tuple(self._task_pipelines)
 
-    def warm_up(self) -> None:
-        """One tiny generation, so the first client request does not pay for lazy initialisation."""
+    def warm_up(self, width: int, height: int) -> None:
+        """One single-step generation at the default size, so the first client request does not pay for lazy
+        initialisation (and, with torch_compile, for compiling at the size most requests use)."""
         started = time.perf_counter()
         request = GenerationRequest(prompt="warm-up", negative_prompt=None, num_inference_steps=1,
-                                    guidance_scale=7.5, width=64, height=64, seeds=(0,), scheduler=None,
+                                    guidance_scale=7.5, width=width, height=height, seeds=(0,), scheduler=None,
                                     output_format="array")
         self._call_pipeline([request])
         logger.info("warm-up generation took %.2f s", time.perf_counter() - started)
@@ -101,17 +102,12 @@ class GenerationEngine:
         started = time.perf_counter()
         try:
             images, nsfw = self._call_pipeline(group)
-        except (torch.OutOfMemoryError, MemoryError):
-            logger.exception("out of memory generating %d image(s) at %dx%d",
-                             sum(r.num_images for r in group), first.width, first.height)
-            self._free_memory()
-            error = RequestError(507, "the server ran out of memory for this generation; try fewer or smaller "
-                                 "images", reason="out_of_memory")
-            return [error] * len(group)
-        except Exception:
-            logger.exception("generation failed for a group of %d request(s)", len(group))
-            error = RequestError(500, "generation failed; the server log has the details", reason="internal_error")
-            return [error] * len(group)
+        except Exception as error:
+            if not _is_out_of_memory(error) and len(group) > 1:
+                # One request's input may have broken the shared call: run each alone so only it fails.
+                logger.exception("a group of %d requests failed; running them one by one", len(group))
+                return [outcome for request in group for outcome in self._run_group([request])]
+            return [self._failure(error, group)] * len(group)
         elapsed = time.perf_counter() - started
         if self.on_call is not None:
             pixel_steps = len(images) * first.width * first.height * first.num_inference_steps
@@ -125,6 +121,18 @@ class GenerationEngine:
                                             nsfw[offset:offset + count] if nsfw is not None else None))
             offset += count
         return results
+
+    def _failure(self, error: Exception, group: list[GenerationRequest]) -> RequestError:
+        """The error a failed pipeline call gives its requests: 507 for out-of-memory, else 500."""
+        first = group[0]
+        if _is_out_of_memory(error):
+            logger.error("out of memory generating %d image(s) at %dx%d: %s",
+                         sum(r.num_images for r in group), first.width, first.height, error)
+            self._free_memory()
+            return RequestError(507, "the server ran out of memory for this generation; try fewer or smaller "
+                                "images", reason="out_of_memory")
+        logger.error("generation failed for %d request(s)", len(group), exc_info=error)
+        return RequestError(500, "generation failed; the server log has the details", reason="internal_error")
 
     def _call_pipeline(self, group: list[GenerationRequest]) -> tuple[np.ndarray, Optional[list[bool]]]:
         """Run one pipeline call; returns uint8 images and, where the pipeline has a safety checker, its flags."""
@@ -159,6 +167,13 @@ class GenerationEngine:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _is_out_of_memory(error: Exception) -> bool:
+    """CUDA raises OutOfMemoryError; the CPU allocator raises a RuntimeError that says so."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
 
 
 def _constructor(pipeline, safety_checker: bool) -> tuple[type, dict]:

@@ -5,7 +5,7 @@ import time
 from pathlib import Path
 
 from handler.device import Placement, plan_optimizations
-from handler.pipeline_index import null_components
+from handler.pipeline_index import null_components, read_model_index
 from handler.settings import HandlerSettings
 
 logger = logging.getLogger(__name__)
@@ -17,8 +17,11 @@ def load_pipeline(folder: Path, placement: Placement, settings: HandlerSettings 
     from diffusers import DiffusionPipeline
 
     started = time.perf_counter()
+    overrides = null_components(folder)
+    if not settings.safety_checker and "safety_checker" in read_model_index(folder):
+        overrides.update(safety_checker=None, requires_safety_checker=False)  # skip loading its weights
     pipeline = DiffusionPipeline.from_pretrained(folder, local_files_only=True, dtype=placement.dtype,
-                                                 variant=settings.variant or None, **null_components(folder))
+                                                 variant=settings.variant or None, **overrides)
     steps = plan_optimizations(settings, placement)
     for step in steps:
         apply_optimization(pipeline, step, placement, settings)
@@ -38,12 +41,19 @@ def apply_optimization(pipeline, step: str, placement: Placement, settings: Hand
     elif step == "attention_slicing":
         pipeline.enable_attention_slicing()
     elif step == "channels_last":
-        pipeline.unet.to(memory_format=torch.channels_last)
+        denoiser(pipeline).to(memory_format=torch.channels_last)
     elif step == "vae_slicing":
         pipeline.vae.enable_slicing()
     elif step == "vae_tiling":
         pipeline.vae.enable_tiling()
     elif step == "torch_compile":
-        pipeline.unet = torch.compile(pipeline.unet, mode=settings.compile_mode)
+        name = "unet" if getattr(pipeline, "unet", None) is not None else "transformer"
+        setattr(pipeline, name, torch.compile(denoiser(pipeline), mode=settings.compile_mode))
     else:
         raise ValueError(f"unknown optimization step {step!r}")
+
+
+def denoiser(pipeline):
+    """The network run at every step: the UNet (SD 1/2, SDXL) or the transformer (SD3, Flux)."""
+    unet = getattr(pipeline, "unet", None)
+    return unet if unet is not None else pipeline.transformer

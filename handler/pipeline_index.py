@@ -9,12 +9,16 @@ import json
 from pathlib import Path
 
 
+def read_model_index(folder: Path) -> dict:
+    return json.loads((Path(folder) / "model_index.json").read_text())
+
+
 def pipeline_class_name(folder: Path) -> str:
     """The diffusers pipeline class a folder holds (decides per-family defaults before loading)."""
-    return json.loads((Path(folder) / "model_index.json").read_text()).get("_class_name", "DiffusionPipeline")
+    return read_model_index(folder).get("_class_name", "DiffusionPipeline")
 
 
 def null_components(folder: Path) -> dict:
     """``{name: None}`` for every component saved as ``[null, null]``, to pass on to ``from_pretrained``."""
-    index = json.loads((Path(folder) / "model_index.json").read_text())
+    index = read_model_index(folder)
     return {name: None for name, value in index.items() if value == [None, None]}

@@ -16,7 +16,7 @@ from handler.capabilities import ModelCapabilities
 from handler.errors import RequestError, invalid
 from handler.images import decode_image
 from handler.schedulers import DISCRETE, FLOW_MATCHING, scheduler_names
-from handler.settings import OUTPUT_FORMATS, HandlerSettings
+from handler.settings import OUTPUT_FORMATS, HandlerSettings, SettingsError
 
 MAX_SEED = 2**63 - 1
 MAX_GUIDANCE = 30.0
@@ -124,6 +124,11 @@ class RequestParser:
     """Validates request bodies against the settings and capabilities of the loaded model."""
 
     def __init__(self, settings: HandlerSettings, capabilities: ModelCapabilities = ModelCapabilities()):
+        multiple = capabilities.size_multiple
+        for name in ("default_width", "default_height", "min_side"):
+            if getattr(settings, name) % multiple:
+                raise SettingsError(f"model-config.yaml handler setting {name} must be a multiple of {multiple} "
+                                    f"for {capabilities.pipeline_class}, got {getattr(settings, name)}")
         self.settings = settings
         self.capabilities = capabilities
 
@@ -167,6 +172,9 @@ class RequestParser:
             if image is None:
                 raise invalid("mask_image", "mask_image needs an input image in the field image")
             mask_image = decode_image("mask_image", body["mask_image"], settings.max_input_image_pixels, "L")
+        if strength is not None and int(steps * strength) < 1:
+            raise invalid("strength", f"num_inference_steps x strength is {steps} x {strength} and must be at "
+                          "least 1 (the image is denoised for that many steps); raise either")
 
         default_width, default_height = settings.default_width, settings.default_height
         if image is not None:
@@ -200,7 +208,7 @@ class RequestParser:
         settings = self.settings
         value = values.integer(name, default, settings.min_side, settings.max_side,
                                multiple_of=self.capabilities.size_multiple)
-        if from_image and name not in values.body and not settings.min_side <= value <= settings.max_side:
+        if from_image and not values.present(name) and not settings.min_side <= value <= settings.max_side:
             raise invalid(name, f"the input image's {name} ({value}) is outside {settings.min_side} .. "
                           f"{settings.max_side}; pass {name} to resize it")
         return value
@@ -213,9 +221,10 @@ def body_fields(row: Mapping[str, Any], content_type: Optional[str]) -> tuple[di
     form as one key per field (no ``body``). A text body is the prompt, as in TorchServe's upstream example;
     a text body that is a JSON object, or any body declared as JSON, is read as JSON.
     """
-    payload = row.get("body", row.get("data"))
+    is_form = bool(set(row) - {"body", "data"})  # a form field named data or body stays a field
+    payload = None if is_form else row.get("body", row.get("data"))
     if payload is None:
-        form = {key: value for key, value in row.items() if key not in ("body", "data")}
+        form = dict(row)
         if "prompt" not in form:
             raise invalid("prompt", "no prompt found: send the prompt as a text/plain body, a JSON object "
                           "{\"prompt\": ...} with Content-Type: application/json, or a form field prompt=...",
@@ -307,6 +316,10 @@ class _Values:
             raise invalid(name, f"{name} has {len(value)} characters; at most {max_length} are allowed")
         if "\x00" in value:
             raise invalid(name, f"{name} must not contain NUL characters")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate (JSON "\ud800"): the tokenizer would fail the batch
+            raise invalid(name, f"{name} is not valid Unicode text (it holds a lone surrogate)") from None
         return value
 
     def integer(self, name: str, default, low: int, high: int, multiple_of: int = 1):

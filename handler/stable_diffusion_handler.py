@@ -27,9 +27,6 @@ from handler.settings import HandlerSettings
 
 logger = logging.getLogger(__name__)
 
-WORKER_REGISTRY_FOLDER = ".workers"
-
-
 class StableDiffusionHandler(BaseHandler):
     """Serves a diffusers text-to-image pipeline (plus image-to-image and inpainting on the same weights)."""
 
@@ -47,7 +44,7 @@ class StableDiffusionHandler(BaseHandler):
         model_dir = Path(properties["model_dir"])
         model_config = context.model_yaml_config or {}
         self.settings = HandlerSettings.from_mapping(model_config.get("handler"))
-        self.registry = WorkerRegistry(model_dir / WORKER_REGISTRY_FOLDER)
+        self.registry = WorkerRegistry.for_model(model_dir)
         self.registry.register(os.getpid())
         self._set_thread_count()
         folder = locate_pipeline(model_dir)
@@ -59,7 +56,7 @@ class StableDiffusionHandler(BaseHandler):
                                        safety_checker=self.settings.safety_checker)
         self.parser = RequestParser(self.settings, capabilities_of(pipeline, self.engine.tasks))
         if self.settings.warmup:
-            self.engine.warm_up()
+            self.engine.warm_up(self.settings.default_width, self.settings.default_height)
         self.initialized = True
         logger.info("worker %d ready in %.2f s (%d torch threads)", os.getpid(), time.perf_counter() - started,
                     torch.get_num_threads())

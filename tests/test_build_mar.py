@@ -30,3 +30,12 @@ def test_a_folder_without_model_index_is_refused(tmp_path):
 def test_family_needs_tiny(tmp_path):
     result = build_mar("--model-dir", tmp_path, "--family", "flux")
     assert result.returncode != 0 and "--family goes with --tiny" in result.stderr
+
+
+def test_names_that_are_not_plain_are_refused_before_anything_is_deleted(tmp_path):
+    store = tmp_path / "store"
+    (store / "keep").mkdir(parents=True)
+    for name in ("..", "", "a/b", ".hidden"):
+        result = build_mar("--tiny", "--name", name, "--archive-format", "no-archive", "--export-path", store)
+        assert result.returncode != 0 and "--name must be" in result.stderr
+    assert (store / "keep").is_dir()

@@ -159,3 +159,48 @@ def test_out_of_memory_is_a_507_and_the_worker_keeps_serving(served_handler, mon
     assert [context.get_response_status(i)[0] for i in range(2)] == [507, 200]
     assert json.loads(bodies[0])["error"]["reason"] == "out_of_memory"
     assert array_of(bodies[1]).shape == (64, 64, 3)
+
+
+def test_a_request_that_breaks_a_shared_call_fails_alone(served_handler, monkeypatch):
+    # No valid request breaks the tiny pipeline any more, so the pipeline call is made to fail whenever
+    # the prompt "poison" is in it, to check that its batch neighbours are rerun and succeed.
+    handler, context = served_handler
+    original = handler.engine._call_pipeline
+
+    def fail_on_poison(group):
+        if any(request.prompt == "poison" for request in group):
+            raise TypeError("TextEncodeInput must be ...")
+        return original(group)
+
+    monkeypatch.setattr(handler.engine, "_call_pipeline", fail_on_poison)
+    bodies = handle(handler, context, [json_row(prompt="a cat", seed=1, **SMALL),
+                                       json_row(prompt="poison", seed=1, **SMALL),
+                                       json_row(prompt="a dog", seed=2, **SMALL)])
+    assert [context.get_response_status(i)[0] for i in range(3)] == [200, 500, 200]
+    assert json.loads(bodies[1])["error"]["reason"] == "internal_error"
+
+
+def test_cpu_allocator_failures_count_as_out_of_memory():
+    from handler.generation import _is_out_of_memory
+
+    assert _is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 GB"))
+    assert not _is_out_of_memory(RuntimeError("shapes cannot be multiplied"))
+
+
+def test_the_operator_can_switch_the_safety_checker_off(tmp_path_factory):
+    from conftest import make_context
+    from handler.stable_diffusion_handler import StableDiffusionHandler
+    from handler.tiny_pipeline import build_tiny_pipeline
+
+    results = {}
+    for enabled in (True, False):
+        model_dir = tmp_path_factory.mktemp("safety")
+        build_tiny_pipeline(model_dir / "pipeline", "sd1-safety")
+        handler, context = StableDiffusionHandler(), make_context(model_dir, {"warmup": False,
+                                                                              "safety_checker": enabled})
+        handler.initialize(context)
+        bodies = handle(handler, context, [json_row(prompt="a cat", seed=1, output_format="npy", **SMALL)])
+        results[enabled] = (context.get_response_headers(0).get("X-NSFW"), np.load(io.BytesIO(bodies[0])))
+        assert (handler.engine.pipeline.safety_checker is None) == (not enabled)
+    assert results[True][0] == "true" and not results[True][1].any()
+    assert results[False][0] is None and results[False][1].any()

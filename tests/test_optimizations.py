@@ -65,3 +65,12 @@ def test_auto_dtype_on_cuda_follows_the_family(pipeline_class, expected):
 
     assert choose_placement(HandlerSettings(), True, 0, pipeline_class).dtype == expected
     assert choose_placement(HandlerSettings(), False, None, pipeline_class).dtype == torch.float32
+
+
+def test_channels_last_applies_to_transformer_families(tmp_path):
+    from handler.tiny_pipeline import build_tiny_pipeline
+
+    build_tiny_pipeline(tmp_path / "sd3", "sd3")
+    pipeline = load_pipeline(tmp_path / "sd3", CPU, HandlerSettings(channels_last=True))
+    assert pipeline.transformer.pos_embed.proj.weight.is_contiguous(memory_format=torch.channels_last)
+    assert generate(pipeline).shape == (2, 64, 64, 3)

@@ -15,7 +15,7 @@ from handler.errors import RequestError
 from handler.request import FIELD_NAMES, GenerationRequest, RequestParser
 from handler.capabilities import ModelCapabilities
 from handler.schedulers import DISCRETE, FLOW_MATCHING, scheduler_names
-from handler.settings import HandlerSettings
+from handler.settings import HandlerSettings, SettingsError
 
 DEFAULTS = HandlerSettings()
 
@@ -570,3 +570,32 @@ def test_family_capabilities_accept_what_the_family_supports():
     request = parse(RequestParser(HandlerSettings(), FLUX_LIKE),
                     {"body": {"prompt": "a cat", "width": 80, "scheduler": "flow_match_euler"}})
     assert request.width == 80 and request.scheduler == "flow_match_euler"
+
+
+def test_a_lone_surrogate_is_a_400_not_a_tokenizer_crash(parser):
+    error = parse_error(parser, {"body": {"prompt": "a\ud800"}})
+    assert error.status == 400 and error.field == "prompt" and "surrogate" in error.message
+
+
+def test_too_few_denoising_steps_for_the_strength_is_a_400(parser):
+    image = b64(png_bytes(64, 64))
+    error = parse_error(parser, {"body": {"prompt": "a", "image": image, "num_inference_steps": 1}})
+    assert error.field == "strength" and "at least 1" in error.message
+    assert parse(parser, {"body": {"prompt": "a", "image": image, "num_inference_steps": 2}}).strength == 0.8
+
+
+def test_a_null_size_with_an_image_is_still_range_checked(parser):
+    wide = b64(png_bytes(2000, 504))
+    error = parse_error(parser, {"body": {"prompt": "a", "image": wide, "width": None, "height": None}})
+    assert error.field == "width" and "2000" in error.message
+
+
+def test_a_form_field_named_data_is_a_field_not_the_body(parser):
+    error = parse_error(parser, {"prompt": b"a", "data": b"b", "output_format": b"json"})
+    assert error.field == "data" and "unknown field" in error.message
+
+
+def test_defaults_off_the_family_size_multiple_fail_the_model_load():
+    with pytest.raises(SettingsError, match="multiple of 16"):
+        RequestParser(HandlerSettings(default_width=1000, default_height=1000, max_pixels=2**20,
+                                      max_request_pixels=2**22, max_batch_pixels=2**22), FLUX_LIKE)

@@ -119,7 +119,8 @@ def test_hundreds_of_malformed_requests_each_get_a_4xx_and_no_worker_restarts(tw
 
 def test_a_killed_worker_fails_its_request_and_is_replaced(two_workers):
     pids = two_workers.worker_pids("stable_diffusion")
-    body = json.dumps({"prompt": "a slow cat", "num_inference_steps": 40, "width": 512, "height": 512})
+    # 768x768 at 50 steps takes about 20 s here: still running when the workers are killed 3 s in.
+    body = json.dumps({"prompt": "a slow cat", "num_inference_steps": 50, "width": 768, "height": 768})
     replies = []
     client = threading.Thread(target=lambda: replies.append(post(two_workers, body, timeout=120)))
     client.start()
