@@ -63,11 +63,11 @@ class GenerationEngine:
         self.max_batch_pixels = max_batch_pixels
         self.on_call = on_call
         self._schedulers = SchedulerFactory(pipeline.scheduler)
-        self._task_pipelines = {"text-to-image": _constructor(pipeline, safety_checker)}
+        self._task_pipelines = {"text-to-image": _task_pipeline(pipeline, safety_checker)}
         for task, auto_class in (("image-to-image", AutoPipelineForImage2Image),
                                  ("inpainting", AutoPipelineForInpainting)):
             try:
-                self._task_pipelines[task] = _constructor(auto_class.from_pipe(pipeline), safety_checker)
+                self._task_pipelines[task] = _task_pipeline(auto_class.from_pipe(pipeline), safety_checker)
             except (ValueError, KeyError) as error:
                 logger.info("%s is not available for %s: %s", task, type(pipeline).__name__, error)
 
@@ -137,8 +137,9 @@ class GenerationEngine:
     def _call_pipeline(self, group: list[GenerationRequest]) -> tuple[np.ndarray, Optional[list[bool]]]:
         """Run one pipeline call; returns uint8 images and, where the pipeline has a safety checker, its flags."""
         first = group[0]
-        pipeline_class, components = self._task_pipelines[first.task]
-        pipeline = pipeline_class(**{**components, "scheduler": self._schedulers.create(first.scheduler)})
+        task_pipeline = self._task_pipelines[first.task]
+        pipeline = task_pipeline.pipeline_class(**{**task_pipeline.arguments,
+                                                   "scheduler": self._schedulers.create(first.scheduler)})
         pipeline.set_progress_bar_config(disable=True)
         per_image = [(request, seed) for request in group for seed in request.seeds]
         arguments = {
@@ -155,8 +156,7 @@ class GenerationEngine:
             arguments["strength"] = first.strength
         if first.mask_image is not None:
             arguments["mask_image"] = [request.mask_image for request, _ in per_image]
-        accepted = inspect.signature(pipeline.__call__).parameters
-        if "height" in accepted:
+        if task_pipeline.takes_size:
             arguments["height"], arguments["width"] = first.height, first.width
         output = pipeline(**arguments)
         nsfw = getattr(output, "nsfw_content_detected", None)
@@ -176,7 +176,16 @@ def _is_out_of_memory(error: Exception) -> bool:
     return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
 
 
-def _constructor(pipeline, safety_checker: bool) -> tuple[type, dict]:
+@dataclass(frozen=True)
+class TaskPipeline:
+    """How to rebuild a task's pipeline around the shared weights, worked out once at start-up."""
+
+    pipeline_class: type
+    arguments: dict
+    takes_size: bool  # SD/SDXL image-to-image take their size from the input image, not height/width
+
+
+def _task_pipeline(pipeline, safety_checker: bool) -> TaskPipeline:
     """The class and constructor arguments that rebuild ``pipeline`` around the same weights.
 
     Building a pipeline object costs about a millisecond and copies no weights; it gives every call its
@@ -188,4 +197,5 @@ def _constructor(pipeline, safety_checker: bool) -> tuple[type, dict]:
             arguments[name] = pipeline.config[name]
     if not safety_checker and "safety_checker" in arguments:
         arguments.update(safety_checker=None, requires_safety_checker=False)
-    return type(pipeline), arguments
+    takes_size = "height" in inspect.signature(type(pipeline).__call__).parameters
+    return TaskPipeline(type(pipeline), arguments, takes_size)

@@ -125,8 +125,8 @@ def test_image_to_image_and_inpainting_reuse_the_weights(served_handler):
     # Inpainting repaints only under the mask (the tiny model's VAE round trip blurs the edges a little).
     assert np.abs(inpainted[:8, :8].astype(int) - 200).mean() < np.abs(inpainted[24:40, 24:40].astype(int) - 200).mean()
     pipelines = handler.engine._task_pipelines
-    assert pipelines["image-to-image"][1]["unet"] is handler.engine.pipeline.unet
-    assert pipelines["inpainting"][1]["unet"] is handler.engine.pipeline.unet
+    assert pipelines["image-to-image"].arguments["unet"] is handler.engine.pipeline.unet
+    assert pipelines["inpainting"].arguments["unet"] is handler.engine.pipeline.unet
 
 
 def test_requests_over_the_batch_budget_are_split(handler_factory):
