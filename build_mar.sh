@@ -10,4 +10,4 @@ if [ -z "${PYTHON:-}" ]; then
   if [ -x "$repo/.venv/bin/python" ]; then PYTHON="$repo/.venv/bin/python"; else PYTHON=python3; fi
 fi
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
-exec "$PYTHON" -m handler.build_mar "$@"
+exec "$PYTHON" -m builder.build_mar "$@"

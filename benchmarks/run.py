@@ -51,12 +51,12 @@ import transformers  # noqa: E402
 import yaml  # noqa: E402
 
 from benchmarks.report import Row, Target, at_least, at_most, markdown_table, median, write_json  # noqa: E402
-from handler.device import available_cores  # noqa: E402
-from handler.encoding import encode_images  # noqa: E402
-from handler.generation import GenerationResult  # noqa: E402
-from handler.local_server import LocalTorchServe  # noqa: E402
-from handler.settings import OUTPUT_FORMATS  # noqa: E402
-from handler.tiny_pipeline import build_tiny_pipeline  # noqa: E402
+from handler.model.device import available_cores  # noqa: E402
+from handler.core.encoding import encode_images  # noqa: E402
+from handler.core.generation import GenerationResult  # noqa: E402
+from harness.local_server import LocalTorchServe  # noqa: E402
+from handler.core.settings import OUTPUT_FORMATS  # noqa: E402
+from builder.tiny_pipeline import build_tiny_pipeline  # noqa: E402
 
 OURS = "stable_diffusion"
 OURS_BATCHED = "stable_diffusion_batch4"

@@ -26,7 +26,7 @@ import requests
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from handler.local_server import LocalTorchServe  # noqa: E402
+from harness.local_server import LocalTorchServe  # noqa: E402
 
 VALID = [
     {"prompt": "a cat", "num_inference_steps": 2, "width": 64, "height": 64},

@@ -1,9 +1,11 @@
-"""TorchServe entry point: adapts TorchServe's context and request rows to the generation core.
+"""TorchServe entry point: adapts TorchServe's context, rows and headers to the generation core.
 
-Everything that decides something (settings, parsing, grouping, encoding) lives in modules that do not
-import TorchServe; this class only reads the context, calls them, and sets per-request statuses and headers.
+Everything that decides something (the contract, grouping, generation, encoding) lives in ``handler/core``,
+which does not import TorchServe; ``handler/wire.py`` reads bodies and headers and maps failures to statuses.
+This class only wires them to TorchServe: per-request statuses, content types and headers, the describe API.
 """
 
+import json
 import logging
 import os
 import time
@@ -13,19 +15,21 @@ from pathlib import Path
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
-from handler.capabilities import capabilities_of
-from handler.device import WorkerRegistry, available_cores, choose_placement, threads_per_worker
-from handler.encoding import encode_images
-from handler.errors import RequestError
-from handler.generation import GenerationEngine, GenerationResult
-from handler.loading import load_pipeline
+from handler import wire
+from handler.core.capabilities import capabilities_of
+from handler.core.contract import ClientRequest, Contract
+from handler.core.encoding import encode_images
+from handler.core.failures import INTERNAL_ERROR, NOT_IMPLEMENTED, Rejection
+from handler.core.generation import GenerationEngine, GenerationResult
+from handler.core.settings import HandlerSettings
 from handler.metrics import ServiceMetrics
-from handler.pipeline_files import locate_pipeline
-from handler.pipeline_index import pipeline_class_name
-from handler.request import RequestParser
-from handler.settings import HandlerSettings
+from handler.model.device import WorkerRegistry, available_cores, choose_placement, threads_per_worker
+from handler.model.loading import load_pipeline
+from handler.model.pipeline_files import locate_pipeline
+from handler.model.pipeline_index import pipeline_class_name
 
 logger = logging.getLogger(__name__)
+
 
 class StableDiffusionHandler(BaseHandler):
     """Serves a diffusers text-to-image pipeline (plus image-to-image and inpainting on the same weights)."""
@@ -33,13 +37,16 @@ class StableDiffusionHandler(BaseHandler):
     def __init__(self):
         super().__init__()
         self.settings = None
-        self.parser = None
+        self.contract = None
         self.engine = None
         self.registry = None
         self.metrics = None
 
     def initialize(self, context):
         started = time.perf_counter()
+        # Bodies reach preprocess as the client's bytes: wire.py parses JSON itself (refusing duplicate keys)
+        # and reads multipart files. TorchServe's worker reads this variable for every request.
+        os.environ["TS_DECODE_INPUT_REQUEST"] = "false"
         properties = context.system_properties
         model_dir = Path(properties["model_dir"])
         model_config = context.model_yaml_config or {}
@@ -54,62 +61,89 @@ class StableDiffusionHandler(BaseHandler):
         self.metrics = ServiceMetrics(context.metrics, context.model_name)
         self.engine = GenerationEngine(pipeline, self.settings.max_batch_pixels, on_call=self._record_call,
                                        safety_checker=self.settings.safety_checker)
-        self.parser = RequestParser(self.settings, capabilities_of(pipeline, self.engine.tasks))
+        self.contract = Contract(self.settings, capabilities_of(pipeline, self.engine.tasks))
         if self.settings.warmup:
             self.engine.warm_up(self.settings.default_width, self.settings.default_height)
         self.initialized = True
         logger.info("worker %d ready in %.2f s (%d torch threads)", os.getpid(), time.perf_counter() - started,
                     torch.get_num_threads())
 
+    def handle(self, data, context):
+        """BaseHandler's flow, with explanations answered per request instead of turning the whole batch."""
+        started = time.time()
+        self.context = context
+        if self._is_describe():
+            output = [self.describe_handle()]
+        else:
+            output = self.postprocess(self.inference(self.preprocess(data)))
+        context.metrics.add_time("HandlerTime", round((time.time() - started) * 1000, 2), None, "ms")
+        return output
+
+    def describe_handle(self):
+        """``GET /models/{name}?customized=true``: the request schema and capabilities of this loaded model."""
+        settings = self.settings
+        return json.dumps({
+            "request_schema": self.contract.json_schema(),
+            "capabilities": self.contract.capabilities.describe(settings.default_width, settings.default_height),
+        })
+
     def preprocess(self, data):
         self._set_thread_count()
-        return [self._parse(index, row) for index, row in enumerate(data)]
+        return [self._read(index, row) for index, row in enumerate(data)]
 
     def inference(self, data, *args, **kwargs):
         started = time.perf_counter()
+        work = [item.generation if isinstance(item, ClientRequest) else item for item in data]
         with torch.inference_mode():
-            outcomes = self.engine.generate(data)
+            outcomes = self.engine.generate(work)
         images = sum(len(outcome.images) for outcome in outcomes if isinstance(outcome, GenerationResult))
         logger.info("worker %d generated %d image(s) for %d request(s) in %.2f s", os.getpid(), images, len(data),
                     time.perf_counter() - started)
-        return outcomes
+        return [(outcome, item.output_format if isinstance(item, ClientRequest) else None)
+                for outcome, item in zip(outcomes, data)]
 
     def postprocess(self, data):
-        bodies = []
-        for index, outcome in enumerate(data):
-            if isinstance(outcome, GenerationResult):
-                request = outcome.request
-                started = time.perf_counter()
-                response = encode_images(outcome.images, request.output_format, list(request.seeds),
-                                         request.parameters(), outcome.timings_ms, outcome.nsfw)
-                self.metrics.encoded(time.perf_counter() - started)
-                if outcome.nsfw:
-                    self.metrics.flagged_images(sum(outcome.nsfw))
-                self.context.set_response_content_type(index, response.content_type)
-                for name, value in response.headers.items():
-                    self.context.set_response_header(index, name, value)
-                bodies.append(response.body)
-            else:
-                self.metrics.rejected_request(outcome.reason)
-                self.context.set_response_status(outcome.status, HTTPStatus(outcome.status).phrase, index)
-                self.context.set_response_content_type(index, "application/json")
-                bodies.append(outcome.to_json())
-        return bodies
+        return [self._respond(index, outcome, output_format) for index, (outcome, output_format) in enumerate(data)]
+
+    def _respond(self, index: int, outcome, output_format):
+        if isinstance(outcome, GenerationResult):
+            started = time.perf_counter()
+            body = encode_images(outcome.images, output_format, list(outcome.request.seeds), outcome.parameters(),
+                                 outcome.timings_ms, outcome.nsfw)
+            self.metrics.encoded(time.perf_counter() - started)
+            if outcome.nsfw:
+                self.metrics.flagged_images(sum(outcome.nsfw))
+            self.context.set_response_content_type(index, wire.CONTENT_TYPE_OF_FORMAT[output_format])
+            for name, value in wire.result_headers(list(outcome.request.seeds), outcome.nsfw).items():
+                self.context.set_response_header(index, name, value)
+            return body
+        self.metrics.rejected_request(outcome.reason)
+        status = wire.status_of(outcome)
+        self.context.set_response_status(status, HTTPStatus(status).phrase, index)
+        self.context.set_response_content_type(index, "application/json")
+        return wire.error_body(outcome)
 
     def _record_call(self, images: int, pixel_steps: int, seconds: float) -> None:
         self.metrics.generated(images, pixel_steps)
         self.metrics.pipeline_call(seconds)
 
-    def _parse(self, index, row):
+    def _read(self, index, row):
+        """One request row -> a ClientRequest, or the Rejection that answers it."""
+        headers = self.context.get_all_request_header(index) or {}
         try:
-            return self.parser.parse(row, self.context.get_all_request_header(index) or {})
-        except RequestError as error:
-            logger.info("rejected request %d: %s", index, error.message)
-            return error
+            if wire.header(headers, "explain") == "True":
+                raise Rejection(NOT_IMPLEMENTED, "explanations are not offered for image generation; POST the "
+                                "request to /predictions/{model} instead")
+            fields, from_form = wire.read_body(row, wire.header(headers, "content-type"))
+            preferred = None if "output_format" in fields else wire.negotiate_format(
+                wire.header(headers, "accept"), self.settings.default_output_format)
+            return self.contract.parse(fields, from_form, preferred)
+        except Rejection as rejection:
+            logger.info("rejected request %d: %s", index, rejection.message)
+            return rejection
         except Exception:  # a parser bug must cost one request, not the whole batch
-            logger.exception("could not parse request %d", index)
-            return RequestError(500, "the server could not read this request; the server log has the details",
-                                reason="internal_error")
+            logger.exception("could not read request %d", index)
+            return Rejection(INTERNAL_ERROR, "the server could not read this request; the server log has the details")
 
     def _set_thread_count(self):
         """Give this worker an even share of the cores, re-counted as workers are scaled up or down."""

@@ -19,7 +19,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory) -> Path:
-    from handler.tiny_pipeline import build_tiny_pipeline
+    from builder.tiny_pipeline import build_tiny_pipeline
 
     folder = tmp_path_factory.mktemp("tiny") / "pipeline"
     build_tiny_pipeline(folder)
@@ -28,8 +28,8 @@ def tiny_pipeline_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_pipeline(tiny_pipeline_dir):
-    from handler.device import Placement
-    from handler.loading import load_pipeline
+    from handler.model.device import Placement
+    from handler.model.loading import load_pipeline
     import torch
 
     return load_pipeline(tiny_pipeline_dir, Placement("cpu", torch.float32))
@@ -58,7 +58,7 @@ def set_requests(context, headers: list[dict]):
 @pytest.fixture(scope="session")
 def handler_factory(tiny_pipeline_dir, tmp_path_factory):
     """Make an initialised handler whose model dir holds the tiny pipeline zipped, as in a built .mar."""
-    from handler.build_mar import zip_pipeline
+    from builder.build_mar import zip_pipeline
     from handler.stable_diffusion_handler import StableDiffusionHandler
 
     archive = tmp_path_factory.mktemp("archive") / "pipeline.zip"
@@ -93,7 +93,7 @@ def run_build_mar(*arguments) -> None:
 @pytest.fixture(scope="session")
 def torchserve(tiny_mar, tmp_path_factory):
     """A real TorchServe on loopback serving the tiny .mar, token authorization on; stopped at the end."""
-    from handler.local_server import LocalTorchServe
+    from harness.local_server import LocalTorchServe
 
     server = LocalTorchServe(tmp_path_factory.mktemp("torchserve"), tiny_mar.parent,
                              {"stable_diffusion": tiny_mar.name})

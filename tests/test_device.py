@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from handler.device import Placement, WorkerRegistry, choose_placement, threads_per_worker
-from handler.settings import HandlerSettings
+from handler.model.device import Placement, WorkerRegistry, choose_placement, threads_per_worker
+from handler.core.settings import HandlerSettings
 
 
 def settings(**values) -> HandlerSettings:

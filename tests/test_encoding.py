@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from handler.encoding import CONTENT_TYPES, EXIF_IMAGE_DESCRIPTION, array_json, encode_images
-from handler.request import RequestParser
-from handler.settings import HandlerSettings
+from handler.core.encoding import CONTENT_TYPES, EXIF_IMAGE_DESCRIPTION, array_json, encode_images
+from handler.core.contract import RequestParser
+from handler.core.settings import HandlerSettings
 
 PROMPT = "a cat in Zürich, ☕"  # non-ASCII: the metadata must carry it through EXIF too
 TIMINGS = {"pipeline": 123.4, "total": 130.0}

@@ -181,7 +181,7 @@ def test_a_request_that_breaks_a_shared_call_fails_alone(served_handler, monkeyp
 
 
 def test_cpu_allocator_failures_count_as_out_of_memory():
-    from handler.generation import _is_out_of_memory
+    from handler.core.generation import _is_out_of_memory
 
     assert _is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 GB"))
     assert not _is_out_of_memory(RuntimeError("shapes cannot be multiplied"))
@@ -190,7 +190,7 @@ def test_cpu_allocator_failures_count_as_out_of_memory():
 def test_the_operator_can_switch_the_safety_checker_off(tmp_path_factory):
     from conftest import make_context
     from handler.stable_diffusion_handler import StableDiffusionHandler
-    from handler.tiny_pipeline import build_tiny_pipeline
+    from builder.tiny_pipeline import build_tiny_pipeline
 
     results = {}
     for enabled in (True, False):

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from handler.device import Placement, plan_optimizations
-from handler.generation import GenerationEngine
-from handler.loading import load_pipeline
-from handler.request import GenerationRequest
-from handler.settings import HandlerSettings, SettingsError
+from handler.model.device import Placement, plan_optimizations
+from handler.core.generation import GenerationEngine
+from handler.model.loading import load_pipeline
+from handler.core.contract import GenerationRequest
+from handler.core.settings import HandlerSettings, SettingsError
 
 CPU = Placement("cpu", torch.float32)
 CUDA = Placement("cuda:1", torch.float16)
@@ -61,14 +61,14 @@ def test_memory_options_apply_and_keep_the_images(tiny_pipeline_dir):
     ("StableDiffusion3Pipeline", torch.bfloat16), ("FluxPipeline", torch.bfloat16),
 ])
 def test_auto_dtype_on_cuda_follows_the_family(pipeline_class, expected):
-    from handler.device import choose_placement
+    from handler.model.device import choose_placement
 
     assert choose_placement(HandlerSettings(), True, 0, pipeline_class).dtype == expected
     assert choose_placement(HandlerSettings(), False, None, pipeline_class).dtype == torch.float32
 
 
 def test_channels_last_applies_to_transformer_families(tmp_path):
-    from handler.tiny_pipeline import build_tiny_pipeline
+    from builder.tiny_pipeline import build_tiny_pipeline
 
     build_tiny_pipeline(tmp_path / "sd3", "sd3")
     pipeline = load_pipeline(tmp_path / "sd3", CPU, HandlerSettings(channels_last=True))

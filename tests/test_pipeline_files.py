@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from handler.pipeline_files import (
+from handler.model.pipeline_files import (
     DONE_MARKER,
     MODEL_INDEX,
     UNPACK_FOLDER,

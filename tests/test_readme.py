@@ -6,8 +6,8 @@ from dataclasses import fields
 import yaml
 
 from conftest import REPO_ROOT
-from handler.request import FIELD_NAMES, describe_fields
-from handler.settings import HandlerSettings
+from handler.core.contract import FIELD_NAMES, describe_fields
+from handler.core.settings import HandlerSettings
 
 README = (REPO_ROOT / "README.md").read_text()
 

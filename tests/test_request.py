@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from handler.errors import RequestError
-from handler.request import FIELD_NAMES, GenerationRequest, RequestParser
-from handler.capabilities import ModelCapabilities
-from handler.schedulers import DISCRETE, FLOW_MATCHING, scheduler_names
-from handler.settings import HandlerSettings, SettingsError
+from handler.core.failures import RequestError
+from handler.core.contract import FIELD_NAMES, GenerationRequest, RequestParser
+from handler.core.capabilities import ModelCapabilities
+from handler.core.schedulers import DISCRETE, FLOW_MATCHING, scheduler_names
+from handler.core.settings import HandlerSettings, SettingsError
 
 DEFAULTS = HandlerSettings()
 

@@ -11,10 +11,10 @@ import numpy as np
 from hypothesis import HealthCheck, event, example, given, settings, strategies as st
 from PIL import Image
 
-from handler.errors import RequestError
-from handler.request import FIELD_NAMES, GenerationRequest, RequestParser
-from handler.schedulers import SCHEDULERS  # every name, valid or not for the model
-from handler.settings import OUTPUT_FORMATS, HandlerSettings
+from handler.core.failures import RequestError
+from handler.core.contract import FIELD_NAMES, GenerationRequest, RequestParser
+from handler.core.schedulers import SCHEDULERS  # every name, valid or not for the model
+from handler.core.settings import OUTPUT_FORMATS, HandlerSettings
 
 SETTINGS = HandlerSettings()
 PARSER = RequestParser(SETTINGS)

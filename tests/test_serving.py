@@ -97,7 +97,7 @@ def workers_that_generated(server) -> set[str]:
 
 
 def test_no_archive_build_from_a_model_dir_serves_the_same_image(torchserve, tiny_mar, tmp_path):
-    from handler.local_server import LocalTorchServe
+    from harness.local_server import LocalTorchServe
 
     source = tiny_mar.parent.parent / "scratch" / "tiny-sd1"
     store = tmp_path / "store"
@@ -121,7 +121,7 @@ def test_no_archive_build_from_a_model_dir_serves_the_same_image(torchserve, tin
 
 
 def test_the_client_saves_images_and_prints_seeds(torchserve, tmp_path, capsys):
-    from handler.client import main
+    from sdclient.client import main
 
     token_file = torchserve.folder / "key_file.json"
     code = main(["a red fox", "-o", str(tmp_path / "fox.png"), "--seed", "7", "--steps", "2", "--width", "64",

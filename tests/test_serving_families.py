@@ -13,8 +13,8 @@ import requests
 from PIL import Image
 
 from conftest import run_build_mar
-from handler.local_server import LocalTorchServe
-from handler.families import FAMILIES
+from harness.local_server import LocalTorchServe
+from builder.families import FAMILIES
 
 pytestmark = pytest.mark.serving
 

@@ -13,7 +13,7 @@ import requests
 import yaml
 
 from conftest import REPO_ROOT, run_build_mar
-from handler.local_server import LocalTorchServe
+from harness.local_server import LocalTorchServe
 
 pytestmark = pytest.mark.serving
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from handler.settings import HandlerSettings, SettingsError
+from handler.core.settings import HandlerSettings, SettingsError
 
 
 @pytest.mark.parametrize("values", [None, {}])

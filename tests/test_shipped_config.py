@@ -3,7 +3,7 @@
 from urllib.parse import urlparse
 
 from conftest import REPO_ROOT
-from handler.local_server import read_properties
+from harness.local_server import read_properties
 
 PROPERTIES = read_properties(REPO_ROOT / "config.properties")
 

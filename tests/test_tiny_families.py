@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from handler.pipeline_index import null_components
-from handler.families import FAMILIES, FAMILY_INFO
-from handler.tiny_pipeline import build_tiny_pipeline
+from handler.model.pipeline_index import null_components
+from builder.families import FAMILIES, FAMILY_INFO
+from builder.tiny_pipeline import build_tiny_pipeline
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -97,8 +97,8 @@ def test_unknown_family_is_refused(tmp_path):
 
 
 def test_serving_capabilities_read_the_family_facts_off_the_pipeline(built):
-    from handler.capabilities import TASKS, capabilities_of
-    from handler.schedulers import scheduler_names
+    from handler.core.capabilities import TASKS, capabilities_of
+    from handler.core.schedulers import scheduler_names
 
     family, _, pipeline = built
     info = FAMILY_INFO[family]

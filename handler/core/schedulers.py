@@ -47,6 +47,15 @@ def scheduler_kind(scheduler) -> str:
     return FLOW_MATCHING if "FlowMatch" in type(scheduler).__name__ else DISCRETE
 
 
+def scheduler_name_of(scheduler) -> str:
+    """The request name of a loaded scheduler (its class name where no named choice matches its config)."""
+    for name, choice in SCHEDULERS.items():
+        if type(scheduler).__name__ == choice.class_name and all(
+                scheduler.config.get(key) == value for key, value in choice.overrides.items()):
+            return name
+    return type(scheduler).__name__
+
+
 def scheduler_names(kind: str) -> tuple[str, ...]:
     """The names a request may use with a model whose scheduler is of ``kind``."""
     return tuple(name for name, choice in SCHEDULERS.items() if choice.kind == kind)

@@ -8,7 +8,8 @@ message that names the key, instead of being ignored.
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional
 
-OUTPUT_FORMATS = ("array", "png", "jpeg", "webp", "npy", "json")
+from handler.core.encoding import OUTPUT_FORMATS
+
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 ATTENTION = ("sdpa", "slicing")
@@ -31,6 +32,7 @@ class HandlerSettings:
     default_strength: float = 0.8
 
     max_steps: int = 150
+    max_guidance_scale: float = 30.0
     min_side: int = 64
     max_side: int = 1024
     max_pixels: int = 1024 * 1024
@@ -100,7 +102,9 @@ class HandlerSettings:
         require(self.max_request_pixels <= self.max_batch_pixels,
                 "max_request_pixels must not exceed max_batch_pixels, or a valid request could never run")
         require(1 <= self.default_steps <= self.max_steps, f"default_steps must be 1..max_steps, got {self.default_steps}")
-        require(0 <= self.default_guidance_scale <= 30, f"default_guidance_scale must be 0..30, got {self.default_guidance_scale}")
+        require(0 <= self.max_guidance_scale <= 100, f"max_guidance_scale must be 0..100, got {self.max_guidance_scale}")
+        require(0 <= self.default_guidance_scale <= self.max_guidance_scale,
+                f"default_guidance_scale must be 0..max_guidance_scale, got {self.default_guidance_scale}")
         require(0 < self.default_strength <= 1, f"default_strength must be in (0, 1], got {self.default_strength}")
         require(self.torch_threads >= 0, f"torch_threads must be 0 (auto) or more, got {self.torch_threads}")
         for name in ("default_width", "default_height"):

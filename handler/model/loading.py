@@ -4,9 +4,9 @@ import logging
 import time
 from pathlib import Path
 
-from handler.device import Placement, plan_optimizations
-from handler.pipeline_index import null_components, read_model_index
-from handler.settings import HandlerSettings
+from handler.model.device import Placement, plan_optimizations
+from handler.model.pipeline_index import null_components, read_model_index
+from handler.core.settings import HandlerSettings
 
 logger = logging.getLogger(__name__)
 

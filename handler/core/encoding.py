@@ -10,20 +10,13 @@ import base64
 import io
 import json
 import zlib
-from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-CONTENT_TYPES = {
-    "array": "application/json",
-    "json": "application/json",
-    "png": "image/png",
-    "jpeg": "image/jpeg",
-    "webp": "image/webp",
-    "npy": "application/x-npy",
-}
+OUTPUT_FORMATS = ("array", "png", "jpeg", "webp", "npy", "json")
+SINGLE_IMAGE_FORMATS = ("png", "jpeg", "webp")  # image files: one image each
 EXIF_IMAGE_DESCRIPTION = 0x010E
 JPEG_QUALITY = 90
 WEBP_QUALITY = 90
@@ -31,15 +24,6 @@ WEBP_QUALITY = 90
 # Every uint8 value as exactly three ASCII characters, padded with spaces that are dropped at the end.
 _DIGITS = np.array([list(f"{value:>3}") for value in range(256)], dtype="S1").view(np.uint8).reshape(256, 3)
 _SPACE, _COMMA, _OPEN, _CLOSE = (ord(char) for char in " ,[]")
-
-
-@dataclass(frozen=True)
-class EncodedResponse:
-    """A response body with its content type and extra headers."""
-
-    body: bytes
-    content_type: str
-    headers: dict[str, str] = field(default_factory=dict)
 
 
 def array_json(images: np.ndarray) -> bytes:
@@ -69,17 +53,13 @@ def _wrap_last_axis(block: np.ndarray) -> np.ndarray:
 
 
 def encode_images(images: np.ndarray, output_format: str, seeds: list[int], parameters: dict,
-                  timings_ms: dict[str, float], nsfw: Optional[list[bool]] = None) -> EncodedResponse:
-    """The response for one request's images (uint8, N x H x W x 3) in the requested format.
+                  timings_ms: dict[str, float], nsfw: Optional[list[bool]] = None) -> bytes:
+    """The response body for one request's images (uint8, N x H x W x 3) in the requested format.
 
     ``array`` and ``npy`` give one HxWx3 array for one image and NxHxWx3 for several; ``json`` lists every
     image as base64 PNG; ``png``/``jpeg``/``webp`` carry exactly one image (the parser enforces it).
-    Where the pipeline has a safety checker, ``nsfw`` holds its flag per image (header ``X-NSFW``).
+    Where the pipeline has a safety checker, ``nsfw`` holds its flag per image.
     """
-    headers = {"X-Seeds": ",".join(str(seed) for seed in seeds)}
-    if nsfw is not None:
-        headers["X-NSFW"] = ",".join(str(flag).lower() for flag in nsfw)
-    content_type = CONTENT_TYPES[output_format]
     single = images[0] if len(images) == 1 else images
     if output_format == "array":
         body = array_json(single)
@@ -98,7 +78,7 @@ def encode_images(images: np.ndarray, output_format: str, seeds: list[int], para
         }).encode()
     else:
         body = image_file(images[0], output_format, parameters, seeds[0])
-    return EncodedResponse(body=body, content_type=content_type, headers=headers)
+    return body
 
 
 def image_file(image: np.ndarray, output_format: str, parameters: dict, seed: int) -> bytes:

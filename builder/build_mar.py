@@ -16,11 +16,11 @@ import time
 import zipfile
 from pathlib import Path
 
-from handler.pipeline_files import find_pipeline_folder
-from handler.families import FAMILIES
+from builder.families import FAMILIES
+from handler.model.pipeline_files import find_pipeline_folder
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PACKAGE_DIR = Path(__file__).resolve().parent
+SHIPPED_PACKAGE = REPO_ROOT / "handler"  # what a worker runs; the builder itself is never shipped
 PIPELINE_ZIP = "pipeline.zip"
 PIPELINE_FOLDER = "pipeline"
 # A pipeline's configs, tokenizers and per-component safetensors weights; not root-level single-file
@@ -66,7 +66,7 @@ def parse_arguments(argv=None) -> argparse.Namespace:
 def pipeline_source(arguments: argparse.Namespace) -> Path:
     """The folder holding model_index.json, built or downloaded as the arguments ask."""
     if arguments.tiny:
-        from handler.tiny_pipeline import build_tiny_pipeline
+        from builder.tiny_pipeline import build_tiny_pipeline
 
         folder = arguments.work_dir / f"tiny-{arguments.family}"
         progress(f"building the tiny random-weight {arguments.family} pipeline in {folder}")
@@ -145,7 +145,7 @@ def copy_pipeline(folder: Path, target: Path) -> None:
 
 def stage_handler(staging: Path) -> None:
     """Copy the handler package into the staging folder, so the archive runs without this repository."""
-    shutil.copytree(PACKAGE_DIR, staging / PACKAGE_DIR.name,
+    shutil.copytree(SHIPPED_PACKAGE, staging / SHIPPED_PACKAGE.name,
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
 
 
@@ -164,7 +164,7 @@ def run_archiver(arguments: argparse.Namespace, staging: Path) -> None:
         archiver_command(),
         "--model-name", arguments.name,
         "--version", "1.0",
-        "--handler", str(staging / PACKAGE_DIR.name / "stable_diffusion_handler.py"),
+        "--handler", str(staging / SHIPPED_PACKAGE.name / "stable_diffusion_handler.py"),
         "--extra-files", str(staging),
         "--config-file", str(arguments.config_file),
         "--export-path", str(arguments.export_path),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from handler.families import FAMILIES
+from builder.families import FAMILIES
 
 TOKENIZER_MAX_LENGTH = 77
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")

@@ -7,9 +7,12 @@ negative prompts from whether the family uses classifier-free guidance.
 
 from dataclasses import dataclass
 
-from handler.schedulers import DISCRETE, scheduler_kind, scheduler_names
+from typing import Optional
 
-TASKS = ("text-to-image", "image-to-image", "inpainting")
+from handler.core.schedulers import DISCRETE, scheduler_kind, scheduler_name_of, scheduler_names
+
+TEXT_TO_IMAGE, IMAGE_TO_IMAGE, INPAINTING = "text-to-image", "image-to-image", "inpainting"
+TASKS = (TEXT_TO_IMAGE, IMAGE_TO_IMAGE, INPAINTING)
 # Flux is guidance-distilled: its guidance_scale is an embedding, and it has no negative-prompt guidance
 # unless true_cfg_scale is raised, which doubles the cost; the contract keeps negative prompts off for it.
 NO_NEGATIVE_PROMPT_PREFIXES = ("Flux",)
@@ -24,6 +27,15 @@ class ModelCapabilities:
     schedulers: tuple[str, ...] = scheduler_names(DISCRETE)
     negative_prompt: bool = True
     tasks: tuple[str, ...] = TASKS
+    default_scheduler: str = "pndm"  # what a request that names no scheduler gets
+    family: Optional[str] = None  # the folder's model family, where known (sd1, sdxl, sd3, flux, ...)
+
+    def describe(self, default_width: int, default_height: int) -> dict:
+        """The capabilities as the describe API shows them."""
+        return {"family": self.family, "pipeline_class": self.pipeline_class, "tasks": list(self.tasks),
+                "schedulers": list(self.schedulers), "default_scheduler": self.default_scheduler,
+                "size_multiple": self.size_multiple, "negative_prompt": self.negative_prompt,
+                "default_width": default_width, "default_height": default_height}
 
 
 def capabilities_of(pipeline, tasks: tuple[str, ...]) -> ModelCapabilities:
@@ -43,4 +55,15 @@ def capabilities_of(pipeline, tasks: tuple[str, ...]) -> ModelCapabilities:
         schedulers=scheduler_names(scheduler_kind(pipeline.scheduler)),
         negative_prompt=not class_name.startswith(NO_NEGATIVE_PROMPT_PREFIXES),
         tasks=tasks,
+        default_scheduler=scheduler_name_of(pipeline.scheduler),
+        family=family_of(class_name),
     )
+
+
+FAMILY_OF_CLASS = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl",
+                   "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+
+
+def family_of(class_name: str) -> Optional[str]:
+    """The family a pipeline class belongs to (sd covers SD 1.x and 2.x), or None for other pipelines."""
+    return FAMILY_OF_CLASS.get(class_name)

@@ -1,6 +1,6 @@
 """A small client: send a generation request to the served model, save the images, print the seeds.
 
-    python -m handler.client "a red fox" -o fox.png --seed 7 --steps 20
+    python -m sdclient.client "a red fox" -o fox.png --seed 7 --steps 20
 
 From Python: ``generate("a red fox", seed=7, num_inference_steps=20)`` returns the images and seeds.
 The token is read from TorchServe's key_file.json (``--token-file``) or the TORCHSERVE_TOKEN variable.
@@ -78,7 +78,7 @@ def output_paths(output: Path, count: int) -> list[Path]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m handler.client", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m sdclient.client", description=__doc__.splitlines()[0])
     parser.add_argument("prompt")
     parser.add_argument("-o", "--output", type=Path, default=Path("image.png"), help="where to save (PNG)")
     parser.add_argument("--url", default=DEFAULT_URL, help="TorchServe inference address (default: %(default)s)")

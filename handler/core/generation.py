@@ -10,14 +10,15 @@ import inspect
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 
-from handler.errors import RequestError
-from handler.request import GenerationRequest
-from handler.schedulers import SchedulerFactory
+from handler.core.capabilities import IMAGE_TO_IMAGE, INPAINTING, TEXT_TO_IMAGE
+from handler.core.contract import GenerationRequest
+from handler.core.failures import INTERNAL_ERROR, OUT_OF_MEMORY, Rejection
+from handler.core.schedulers import SchedulerFactory, scheduler_name_of
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,25 @@ class GenerationResult:
     images: np.ndarray
     timings_ms: dict[str, float] = field(default_factory=dict)
     nsfw: Optional[list[bool]] = None
+    scheduler: Optional[str] = None  # the scheduler that ran, by its request name
+
+    def parameters(self) -> dict[str, Any]:
+        """The generation parameters a client needs to make the same images again."""
+        request = self.request
+        parameters = {
+            "prompt": request.prompt,
+            "negative_prompt": request.negative_prompt,
+            "num_inference_steps": request.num_inference_steps,
+            "guidance_scale": request.guidance_scale,
+            "width": request.width,
+            "height": request.height,
+            "seeds": list(request.seeds),
+            "scheduler": self.scheduler,
+            "task": request.task,
+        }
+        if request.strength is not None:
+            parameters["strength"] = request.strength
+        return parameters
 
 
 def plan_groups(requests: list[GenerationRequest], max_batch_pixels: int) -> list[list[int]]:
@@ -63,9 +83,10 @@ class GenerationEngine:
         self.max_batch_pixels = max_batch_pixels
         self.on_call = on_call
         self._schedulers = SchedulerFactory(pipeline.scheduler)
-        self._task_pipelines = {"text-to-image": _task_pipeline(pipeline, safety_checker)}
-        for task, auto_class in (("image-to-image", AutoPipelineForImage2Image),
-                                 ("inpainting", AutoPipelineForInpainting)):
+        self._default_scheduler = scheduler_name_of(pipeline.scheduler)
+        self._task_pipelines = {TEXT_TO_IMAGE: _task_pipeline(pipeline, safety_checker)}
+        for task, auto_class in ((IMAGE_TO_IMAGE, AutoPipelineForImage2Image),
+                                 (INPAINTING, AutoPipelineForInpainting)):
             try:
                 self._task_pipelines[task] = _task_pipeline(auto_class.from_pipe(pipeline), safety_checker)
             except (ValueError, KeyError) as error:
@@ -81,13 +102,12 @@ class GenerationEngine:
         initialisation (and, with torch_compile, for compiling at the size most requests use)."""
         started = time.perf_counter()
         request = GenerationRequest(prompt="warm-up", negative_prompt=None, num_inference_steps=1,
-                                    guidance_scale=7.5, width=width, height=height, seeds=(0,), scheduler=None,
-                                    output_format="array")
+                                    guidance_scale=7.5, width=width, height=height, seeds=(0,), scheduler=None)
         self._call_pipeline([request])
         logger.info("warm-up generation took %.2f s", time.perf_counter() - started)
 
     def generate(self, items: list) -> list:
-        """Map each GenerationRequest to a GenerationResult or RequestError; pass RequestErrors through."""
+        """Map each GenerationRequest to a GenerationResult or Rejection; pass anything else through."""
         outcomes = list(items)
         valid = [index for index, item in enumerate(items) if isinstance(item, GenerationRequest)]
         requests = [items[index] for index in valid]
@@ -118,21 +138,22 @@ class GenerationEngine:
             count = request.num_images
             results.append(GenerationResult(request, images[offset:offset + count],
                                             {"pipeline": elapsed_ms, "batch_images": len(images)},
-                                            nsfw[offset:offset + count] if nsfw is not None else None))
+                                            nsfw[offset:offset + count] if nsfw is not None else None,
+                                            request.scheduler or self._default_scheduler))
             offset += count
         return results
 
-    def _failure(self, error: Exception, group: list[GenerationRequest]) -> RequestError:
-        """The error a failed pipeline call gives its requests: 507 for out-of-memory, else 500."""
+    def _failure(self, error: Exception, group: list[GenerationRequest]) -> Rejection:
+        """What a failed pipeline call gives its requests: out of memory, or an internal error."""
         first = group[0]
         if _is_out_of_memory(error):
             logger.error("out of memory generating %d image(s) at %dx%d: %s",
                          sum(r.num_images for r in group), first.width, first.height, error)
             self._free_memory()
-            return RequestError(507, "the server ran out of memory for this generation; try fewer or smaller "
-                                "images", reason="out_of_memory")
+            return Rejection(OUT_OF_MEMORY, "the server ran out of memory for this generation; try fewer or "
+                             "smaller images")
         logger.error("generation failed for %d request(s)", len(group), exc_info=error)
-        return RequestError(500, "generation failed; the server log has the details", reason="internal_error")
+        return Rejection(INTERNAL_ERROR, "generation failed; the server log has the details")
 
     def _call_pipeline(self, group: list[GenerationRequest]) -> tuple[np.ndarray, Optional[list[bool]]]:
         """Run one pipeline call; returns uint8 images and, where the pipeline has a safety checker, its flags."""

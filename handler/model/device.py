@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from handler.settings import HandlerSettings
+from handler.core.settings import HandlerSettings
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,465 @@
+"""The request contract: every field declared once, and everything derived from that declaration.
+
+Each ``FieldSpec`` below says a field's type, its default, its range or choices (numbers that come from the
+model's settings or the loaded pipeline's capabilities), which tasks or families it applies to, and what it
+means. ``Contract`` binds those declarations to one loaded model and derives from them
+
+- ``parse``: a body's fields -> a typed ``ClientRequest``, or a ``Rejection`` naming the field, the value and
+  the allowed range (cheap checks first: every scalar is checked before any image is decoded);
+- ``json_schema``: the JSON Schema (draft 2020-12) of the bodies this model accepts;
+- ``field_table``: the README's API table (a test checks the README against it).
+
+Nothing here knows HTTP or TorchServe: a door (``handler/wire.py``) turns its body into a mapping of fields.
+"""
+
+import math
+import secrets
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping, Optional, Union
+
+from PIL import Image
+
+from handler.core.capabilities import IMAGE_TO_IMAGE, INPAINTING, TEXT_TO_IMAGE, ModelCapabilities
+from handler.core.encoding import OUTPUT_FORMATS, SINGLE_IMAGE_FORMATS
+from handler.core.failures import MISSING_PROMPT, UNKNOWN_FIELD, UNSUPPORTED_TASK, invalid, shown
+from handler.core.images import decode_image
+from handler.core.settings import HandlerSettings, SettingsError
+
+MAX_SEED = 2**63 - 1  # torch.Generator seeds are 64-bit; JSON clients keep them as signed integers
+MAX_UNKNOWN_SHOWN = 5
+
+
+# --- Where a bound comes from --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Setting:
+    """A number or choice taken from the model's settings (model-config.yaml ``handler:``)."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Capability:
+    """A number or choice taken from the loaded pipeline (its size multiple, its schedulers)."""
+
+    name: str
+
+
+Bound = Union[int, float, str, tuple, Setting, Capability, None]
+
+
+def resolve(bound: Bound, settings: HandlerSettings, capabilities: ModelCapabilities):
+    if isinstance(bound, Setting):
+        return getattr(settings, bound.name)
+    if isinstance(bound, Capability):
+        return getattr(capabilities, bound.name)
+    return bound
+
+
+# --- Field types: how a value is read, described and put in a schema ----------------------------------------
+
+@dataclass(frozen=True)
+class Text:
+    max_length: Bound
+    required: bool = False
+
+    def rule(self) -> str:
+        return f"{'a non-empty' if self.required else 'a'} string of at most {self.max_length} characters"
+
+    def read(self, name: str, value, from_form: bool) -> str:
+        if not isinstance(value, str):
+            raise invalid(name, f"{name} must be {self.rule()}, got {shown(value)}")
+        if self.required and not value.strip():
+            raise invalid(name, f"{name} must not be empty", reason=MISSING_PROMPT)
+        if len(value) > self.max_length:
+            raise invalid(name, f"{name} has {len(value)} characters; at most {self.max_length} are allowed")
+        if "\x00" in value:
+            raise invalid(name, f"{name} must not contain NUL characters")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate (JSON "\ud800"): the tokenizer would fail the batch
+            raise invalid(name, f"{name} is not valid Unicode text (it holds a lone surrogate)") from None
+        return value
+
+    def schema(self) -> dict:
+        # A non-space character somewhere and no NUL anywhere, as read() checks.
+        pattern = r"^[^\x00]*\S[^\x00]*$" if self.required else r"^[^\x00]*$"
+        return {"type": "string", "maxLength": self.max_length, "pattern": pattern}
+
+
+@dataclass(frozen=True)
+class Integer:
+    minimum: Bound
+    maximum: Bound
+    multiple_of: Bound = 1
+
+    def rule(self) -> str:
+        if self.multiple_of > 1:
+            return f"a multiple of {self.multiple_of} between {self.minimum} and {self.maximum}"
+        return f"an integer between {self.minimum} and {self.maximum}"
+
+    def read(self, name: str, value, from_form: bool) -> int:
+        if from_form and isinstance(value, str):
+            value = _form_number(name, value, int)
+        if isinstance(value, float) and value.is_integer():  # JSON 20.0 is the integer 20
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) \
+                or not self.minimum <= value <= self.maximum or value % self.multiple_of:
+            raise invalid(name, f"{name} must be {self.rule()}, got {shown(value)}")
+        return value
+
+    def schema(self) -> dict:
+        schema = {"type": "integer", "minimum": self.minimum, "maximum": self.maximum}
+        if self.multiple_of > 1:
+            schema["multipleOf"] = self.multiple_of
+        return schema
+
+
+@dataclass(frozen=True)
+class Number:
+    minimum: Bound
+    maximum: Bound
+    exclusive_minimum: bool = False
+
+    def rule(self) -> str:
+        lower = f"greater than {self.minimum:g}" if self.exclusive_minimum else f"at least {self.minimum:g}"
+        return f"a finite number {lower} and at most {self.maximum:g}"
+
+    def read(self, name: str, value, from_form: bool) -> float:
+        if from_form and isinstance(value, str):
+            value = _form_number(name, value, float)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise invalid(name, f"{name} must be {self.rule()}, got {shown(value)}")
+        try:
+            number = float(value)
+        except OverflowError:  # an integer with hundreds of digits
+            raise invalid(name, f"{name} must be {self.rule()}, got {shown(value)}") from None
+        too_low = number <= self.minimum if self.exclusive_minimum else number < self.minimum
+        if not math.isfinite(number) or too_low or number > self.maximum:
+            raise invalid(name, f"{name} must be {self.rule()}, got {number}")
+        return number
+
+    def schema(self) -> dict:
+        lower = "exclusiveMinimum" if self.exclusive_minimum else "minimum"
+        return {"type": "number", lower: self.minimum, "maximum": self.maximum}
+
+
+@dataclass(frozen=True)
+class Choice:
+    choices: Bound
+
+    def rule(self) -> str:
+        return f"one of {list(self.choices)}"
+
+    def read(self, name: str, value, from_form: bool) -> str:
+        if not isinstance(value, str) or value not in self.choices:
+            raise invalid(name, f"{name} must be {self.rule()}, got {shown(value)}")
+        return value
+
+    def schema(self) -> dict:
+        return {"type": "string", "enum": list(self.choices)}
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """An input image: base64 or a data URL in JSON, the file itself in a multipart form."""
+
+    mode: str
+    max_pixels: Bound
+
+    def rule(self) -> str:
+        return (f"a PNG, JPEG or WebP of at most {self.max_pixels} pixels: base64 or a data URL, or the file in a "
+                "multipart form")
+
+    def read(self, name: str, value, from_form: bool):
+        if isinstance(value, (bytes, bytearray)) and from_form:
+            return bytes(value)
+        if not isinstance(value, str) or not value:
+            raise invalid(name, f"{name} must be {self.rule()}, got {shown(value)}")
+        return value
+
+    def decode(self, name: str, value) -> Image.Image:
+        return decode_image(name, value, self.max_pixels, self.mode)
+
+    def schema(self) -> dict:
+        return {"type": "string", "minLength": 1, "contentEncoding": "base64"}
+
+
+FieldType = Union[Text, Integer, Number, Choice, ImageInput]
+
+
+# --- The declaration ------------------------------------------------------------------------------------------
+
+REQUIRED, NONE, RANDOM, PIPELINE_SCHEDULER = "required", "none", "random", "the pipeline's"
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One request field. ``default`` is a value, a Setting, or one of the words above (shown as is).
+
+    ``task``: the field exists only where the model offers that task; ``capability``: only where the loaded
+    pipeline has that capability (a ModelCapabilities flag); ``requires``: other fields it needs.
+    """
+
+    name: str
+    type: FieldType
+    default: Bound
+    description: str
+    task: Optional[str] = None
+    capability: Optional[str] = None
+    requires: tuple[str, ...] = ()
+
+    def bind(self, settings: HandlerSettings, capabilities: ModelCapabilities) -> "FieldSpec":
+        """This field with every Setting and Capability replaced by the loaded model's value."""
+        bound_type = replace(self.type, **{name: resolve(getattr(self.type, name), settings, capabilities)
+                                           for name in self.type.__dataclass_fields__})
+        return replace(self, type=bound_type, default=resolve(self.default, settings, capabilities))
+
+    def applies_to(self, capabilities: ModelCapabilities) -> bool:
+        if self.task is not None and self.task not in capabilities.tasks:
+            return False
+        return self.capability is None or getattr(capabilities, self.capability)
+
+
+SIDE = Integer(Setting("min_side"), Setting("max_side"), Capability("size_multiple"))
+FIELDS: tuple[FieldSpec, ...] = (
+    FieldSpec("prompt", Text(Setting("max_prompt_length"), required=True), REQUIRED, "what to draw"),
+    FieldSpec("negative_prompt", Text(Setting("max_prompt_length")), NONE,
+              "what to steer away from (classifier-free guidance)", capability="negative_prompt"),
+    FieldSpec("num_inference_steps", Integer(1, Setting("max_steps")), Setting("default_steps"),
+              "denoising steps: more is slower and usually finer"),
+    FieldSpec("guidance_scale", Number(0.0, Setting("max_guidance_scale")), Setting("default_guidance_scale"),
+              "how closely to follow the prompt"),
+    FieldSpec("width", SIDE, Setting("default_width"),
+              "image width in pixels (image-to-image: the input's, rounded down to the size multiple)"),
+    FieldSpec("height", SIDE, Setting("default_height"),
+              "image height in pixels (image-to-image: the input's, rounded down to the size multiple)"),
+    FieldSpec("seed", Integer(0, MAX_SEED), RANDOM, "seed of the first image; image i uses seed + i"),
+    FieldSpec("num_images", Integer(1, Setting("max_images")), 1, "images to make from this prompt"),
+    FieldSpec("scheduler", Choice(Capability("schedulers")), PIPELINE_SCHEDULER, "the sampler"),
+    FieldSpec("output_format", Choice(OUTPUT_FORMATS), Setting("default_output_format"),
+              "how the images come back (else the Accept header, else the setting)"),
+    FieldSpec("image", ImageInput("RGB", Setting("max_input_image_pixels")), NONE,
+              "input image: switches to image-to-image", task=IMAGE_TO_IMAGE),
+    FieldSpec("mask_image", ImageInput("L", Setting("max_input_image_pixels")), NONE,
+              "mask, white = repaint: switches to inpainting", task=INPAINTING, requires=("image",)),
+    FieldSpec("strength", Number(0.0, 1.0, exclusive_minimum=True), Setting("default_strength"),
+              "how much to change the input image (1 ignores it)", task=IMAGE_TO_IMAGE, requires=("image",)),
+)
+FIELD_NAMES = tuple(spec.name for spec in FIELDS)
+# Rules over several fields, which a JSON Schema cannot state; each is a 400 naming the first field.
+CROSS_FIELD_RULES = {  # formatted with the settings' values
+    "width": "width x height <= {max_pixels}; an input image's own size must lie in {min_side} .. {max_side}",
+    "num_images": "width x height x num_images <= {max_request_pixels}",
+    "output_format": "png, jpeg and webp hold one image: num_images must be 1",
+    "strength": "num_inference_steps x strength >= 1",
+}
+
+
+# --- Typed requests -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What to generate for one client request, validated: the core trusts every value."""
+
+    prompt: str
+    negative_prompt: Optional[str]
+    num_inference_steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    seeds: tuple[int, ...]
+    scheduler: Optional[str]  # None: the pipeline's own scheduler
+    image: Optional[Image.Image] = field(default=None, compare=False)
+    mask_image: Optional[Image.Image] = field(default=None, compare=False)
+    strength: Optional[float] = None
+
+    @property
+    def num_images(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def task(self) -> str:
+        if self.mask_image is not None:
+            return INPAINTING
+        if self.image is not None:
+            return IMAGE_TO_IMAGE
+        return TEXT_TO_IMAGE
+
+    @property
+    def pixels(self) -> int:
+        """The memory-relevant size: pixels of every image this request makes."""
+        return self.width * self.height * self.num_images
+
+    def batch_key(self) -> tuple:
+        """Requests with equal keys can share one pipeline call."""
+        return (self.task, self.width, self.height, self.num_inference_steps, self.guidance_scale,
+                self.scheduler, self.strength, self.negative_prompt is not None)
+
+
+@dataclass(frozen=True)
+class ClientRequest:
+    """A parsed body: what to generate, and in which format the door should return it."""
+
+    generation: GenerationRequest
+    output_format: str
+
+
+# --- The contract bound to one loaded model -------------------------------------------------------------------
+
+class Contract:
+    """The request contract of one loaded model: its fields with its limits, tasks and schedulers."""
+
+    def __init__(self, settings: HandlerSettings, capabilities: ModelCapabilities = ModelCapabilities()):
+        multiple = capabilities.size_multiple
+        for name in ("default_width", "default_height", "min_side"):
+            if getattr(settings, name) % multiple:
+                raise SettingsError(f"model-config.yaml handler setting {name} must be a multiple of {multiple} "
+                                    f"for {capabilities.pipeline_class}, got {getattr(settings, name)}")
+        self.settings = settings
+        self.capabilities = capabilities
+        self.declared = {spec.name: spec.bind(settings, capabilities) for spec in FIELDS}
+        self.fields = {name: spec for name, spec in self.declared.items() if spec.applies_to(capabilities)}
+
+    # -- parsing --
+
+    def parse(self, body: Mapping[str, Any], from_form: bool = False,
+              preferred_format: Optional[str] = None) -> ClientRequest:
+        """Validate one body's fields; raises Rejection for anything the client must fix.
+
+        ``from_form``: every value is a string (or a file's bytes) and an empty value means "left out".
+        ``preferred_format``: the door's choice (an Accept header) when the body names no output_format.
+        """
+        self._check_names(body)
+        given = {name: body[name] for name in self.fields if _given(body.get(name), from_form)}
+        values = {name: self.fields[name].type.read(name, value, from_form) for name, value in given.items()
+                  if not isinstance(self.fields[name].type, ImageInput)}
+        if "prompt" not in given:
+            raise invalid("prompt", "prompt is required: a non-empty string", reason=MISSING_PROMPT)
+        for name in given:
+            for needed in self.fields[name].requires:
+                if needed not in given:
+                    raise invalid(name, f"{name} needs the field {needed}")
+
+        def value(name):
+            return values[name] if name in values else self.fields[name].default
+
+        steps, num_images = value("num_inference_steps"), value("num_images")
+        output_format = values.get("output_format", preferred_format or self.settings.default_output_format)
+        strength = value("strength") if "image" in given else None
+        if strength is not None and int(steps * strength) < 1:
+            raise invalid("strength", f"num_inference_steps x strength is {steps} x {strength} and must be at "
+                          "least 1 (the image is denoised for that many steps); raise either")
+        if output_format in SINGLE_IMAGE_FORMATS and num_images > 1:
+            raise invalid("output_format", f"output_format {output_format} holds one image but num_images is "
+                          f"{num_images}; use json, npy or array for several images")
+        explicit_size = "image" not in given or ("width" in values and "height" in values)
+        if explicit_size:
+            self._check_pixels(value("width"), value("height"), num_images)
+
+        # Images last: decoding is the one expensive check.
+        images = {name: self.fields[name].type.decode(name, given[name])
+                  for name in ("image", "mask_image") if name in given}
+        image, mask_image = images.get("image"), images.get("mask_image")
+        width, height = value("width"), value("height")
+        if image is not None:
+            width, height = (values[name] if name in values else self._side_of(image, name)
+                             for name in ("width", "height"))
+            if not explicit_size:
+                self._check_pixels(width, height, num_images)
+            if image.size != (width, height):
+                image = image.resize((width, height), Image.Resampling.LANCZOS)
+            if mask_image is not None and mask_image.size != (width, height):
+                mask_image = mask_image.resize((width, height), Image.Resampling.NEAREST)
+
+        seed = values.get("seed", secrets.randbelow(MAX_SEED + 1))
+        generation = GenerationRequest(
+            prompt=values["prompt"], negative_prompt=values.get("negative_prompt"), num_inference_steps=steps,
+            guidance_scale=value("guidance_scale"), width=width, height=height,
+            seeds=tuple((seed + offset) % (MAX_SEED + 1) for offset in range(num_images)),
+            scheduler=values.get("scheduler"), image=image, mask_image=mask_image, strength=strength,
+        )
+        return ClientRequest(generation, output_format)
+
+    def _check_names(self, body: Mapping[str, Any]) -> None:
+        unknown = [name for name in body if name not in self.declared]
+        if unknown:
+            listed = ", ".join(shown(name) for name in unknown[:MAX_UNKNOWN_SHOWN])
+            more = f" and {len(unknown) - MAX_UNKNOWN_SHOWN} more" if len(unknown) > MAX_UNKNOWN_SHOWN else ""
+            raise invalid(shown(unknown[0]), f"unknown field(s) {listed}{more}; known fields: {list(self.fields)}",
+                          reason=UNKNOWN_FIELD)
+        for name, spec in self.declared.items():
+            if name not in self.fields and name in body:
+                what = f"the {spec.task} task" if spec.task else spec.capability.replace("_", " ") + "s"
+                offered = f"; it offers {list(self.capabilities.tasks)}" if spec.task else ""
+                raise invalid(name, f"{name} needs {what}, which {self.capabilities.pipeline_class} does not "
+                              f"offer{offered}; leave the field out", reason=UNSUPPORTED_TASK)
+
+    def _side_of(self, image: Image.Image, name: str) -> int:
+        """An input image's side rounded down to the size multiple; must fit the side limits as it is."""
+        multiple, settings = self.capabilities.size_multiple, self.settings
+        side = (image.width if name == "width" else image.height) // multiple * multiple
+        if not settings.min_side <= side <= settings.max_side:
+            raise invalid("width", f"the input image's {name} ({side}) is outside {settings.min_side} .. "
+                          f"{settings.max_side}; pass width and height to resize it")
+        return side
+
+    def _check_pixels(self, width: int, height: int, num_images: int) -> None:
+        settings = self.settings
+        if width * height > settings.max_pixels:
+            raise invalid("width", f"width x height is {width}x{height} = {width * height} pixels; "
+                          f"at most {settings.max_pixels} pixels are allowed")
+        if width * height * num_images > settings.max_request_pixels:
+            raise invalid("num_images", f"width x height x num_images is {width * height * num_images}; "
+                          f"at most {settings.max_request_pixels} per request")
+
+    # -- what the declaration tells a client --
+
+    def json_schema(self) -> dict:
+        """The JSON Schema (draft 2020-12) of a JSON body this model accepts."""
+        properties = {}
+        for name, spec in self.fields.items():
+            schema = {**spec.type.schema(), "description": spec.description}
+            if spec.default not in (REQUIRED, NONE, RANDOM, PIPELINE_SCHEDULER):
+                schema["default"] = spec.default
+            properties[name] = schema
+        return {
+            "$schema": "https://json-schema.org/draft/2020-12/schema",
+            "title": f"Generation request for {self.capabilities.pipeline_class}",
+            "description": "Also checked, with a 400 naming the field: " + "; ".join(
+                self._cross_field_rule(name) for name in CROSS_FIELD_RULES),
+            "type": "object",
+            "properties": properties,
+            "required": [name for name, spec in self.fields.items() if spec.default == REQUIRED],
+            "additionalProperties": False,
+            "dependentRequired": {name: list(spec.requires) for name, spec in self.fields.items() if spec.requires},
+        }
+
+    def _cross_field_rule(self, name: str) -> str:
+        return CROSS_FIELD_RULES[name].format(**vars(self.settings))
+
+    def field_table(self) -> list[tuple[str, str, str, str]]:
+        """(field, default, allowed, meaning) per field: the README's API table."""
+        rows = []
+        for name, spec in self.declared.items():
+            allowed = spec.type.rule()
+            if name in CROSS_FIELD_RULES:
+                allowed += "; " + self._cross_field_rule(name)
+            if spec.requires:
+                allowed += "; needs " + ", ".join(spec.requires)
+            rows.append((name, str(spec.default), allowed, spec.description))
+        return rows
+
+
+def _given(value, from_form: bool) -> bool:
+    """Whether a field was given: present, not null, and in a form not empty."""
+    if value is None:
+        return False
+    return not (from_form and isinstance(value, str) and value.strip() == "")
+
+
+def _form_number(name: str, text: str, kind: type):
+    try:
+        return kind(text.strip())
+    except ValueError:
+        raise invalid(name, f"{name} must be a number, got {shown(text)}") from None
