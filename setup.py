@@ -13,7 +13,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["handler", "handler.*"]),
+    packages=find_packages(include=["handler", "handler.*", "builder", "sdclient", "harness"]),
     install_requires=[
         "torch>=2.5",
         "torchserve>=0.12",
@@ -30,5 +30,5 @@ setup(
         "psutil",
         "requests",
     ],
-    extras_require={"test": ["pytest", "hypothesis"]},
+    extras_require={"test": ["pytest", "hypothesis", "hypothesis-jsonschema", "jsonschema"]},
 )

@@ -94,6 +94,8 @@ class StableDiffusionHandler(BaseHandler):
     def inference(self, data, *args, **kwargs):
         started = time.perf_counter()
         work = [item.generation if isinstance(item, ClientRequest) else item for item in data]
+        logger.info("worker %d generating for %d request(s)", os.getpid(),
+                    sum(isinstance(item, ClientRequest) for item in data))
         with torch.inference_mode():
             outcomes = self.engine.generate(work)
         images = sum(len(outcome.images) for outcome in outcomes if isinstance(outcome, GenerationResult))
