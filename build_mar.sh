@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Build model_store/<name>.mar (or a no-archive folder) from a diffusers pipeline.
 #   ./build_mar.sh --tiny                          # tiny random-weight pipeline, offline
-#   ./build_mar.sh --model-dir /path/to/pipeline   # any local diffusers folder
+#   ./build_mar.sh --model-dir /path/to/pipeline   # a local diffusers folder (one pipeline; a folder holding
+#                                                  # several is refused with the list of them)
 #   ./build_mar.sh --model-id stabilityai/stable-diffusion-2-1 [--revision main]
-# Options: --name NAME, --archive-format zip|no-archive, --config-file FILE, --export-path DIR (see --help).
+# An existing model_store/<name>.mar (or <name>/ folder) is never overwritten without --force:
+#   ./build_mar.sh --tiny --force                  # rebuild model_store/stable_diffusion.mar
+# Options: --name NAME, --archive-format zip|no-archive, --config-file FILE, --export-path DIR, --force (see --help).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 if [ -z "${PYTHON:-}" ]; then

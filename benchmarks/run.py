@@ -186,10 +186,10 @@ def build_archives(work: Path, pipeline: Path, plan: Plan) -> Path:
     store = work / "model_store"
     progress(f"building {OURS}.mar with build_mar.sh --model-dir")
     build_mar(work, f"build-{OURS}", "--model-dir", pipeline, "--export-path", store,
-              "--work-dir", work / "scratch", "--name", OURS)
+              "--work-dir", work / "scratch", "--name", OURS, "--force")
     progress(f"building {OURS_BATCHED}.mar (batchSize 4, maxBatchDelay 100)")
     build_mar(work, f"build-{OURS_BATCHED}", "--model-dir", pipeline, "--export-path", store,
-              "--work-dir", work / "scratch", "--name", OURS_BATCHED, "--config-file", batched_config(work))
+              "--work-dir", work / "scratch", "--name", OURS_BATCHED, "--config-file", batched_config(work), "--force")
     for side, steps, _ in plan.latency:
         progress(f"building the upstream-style baseline archive {upstream_name(side, steps)}.mar")
         build_upstream_archive(work, pipeline, store, side, steps)

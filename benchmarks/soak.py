@@ -66,7 +66,7 @@ class SoakReport:
 
 def build_archive(work: Path) -> Path:
     store = work / "store"
-    subprocess.run([str(REPO_ROOT / "build_mar.sh"), "--tiny", "--export-path", str(store), "--work-dir",
+    subprocess.run([str(REPO_ROOT / "build_mar.sh"), "--tiny", "--force", "--export-path", str(store), "--work-dir",
                     str(work / "scratch")], check=True, env={**os.environ, "PYTHON": sys.executable})
     return store
 

@@ -28,6 +28,8 @@ PIPELINE_FOLDER = "pipeline"
 DOWNLOAD_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors", "*/*.model"]
 VARIANT_PATTERNS = ["*/*.*.safetensors"]
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+MODEL_INDEX = "model_index.json"
+PIPELINE_SEARCH_DEPTH = 3  # --model-dir levels searched for model_index.json (hub cache: hub/models--X/snapshots/REV)
 
 
 def progress(message: str) -> None:
@@ -53,6 +55,8 @@ def parse_arguments(argv=None) -> argparse.Namespace:
                         help="where the archive is written (default: %(default)s)")
     parser.add_argument("--work-dir", type=Path, default=REPO_ROOT / "build",
                         help="scratch space for built and downloaded pipelines (default: %(default)s)")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite an existing archive of the same name in the export path")
     arguments = parser.parse_args(argv)
     if arguments.revision and not arguments.model_id:
         parser.error("--revision goes with --model-id")
@@ -74,12 +78,54 @@ def pipeline_source(arguments: argparse.Namespace) -> Path:
         build_tiny_pipeline(folder, arguments.family)
         return folder
     if arguments.model_dir:
-        folder = find_pipeline_folder(arguments.model_dir) if arguments.model_dir.is_dir() else None
-        if folder is None:
+        folders = find_pipeline_folders(arguments.model_dir) if arguments.model_dir.is_dir() else []
+        if not folders:
             raise SystemExit(f"build_mar: {arguments.model_dir} holds no model_index.json; pass a diffusers pipeline "
                              "folder (as written by save_pretrained or downloaded from the hub)")
-        return folder
+        if len(folders) > 1:
+            listing = "".join(f"\n  {folder}" for folder in folders)
+            raise SystemExit(f"build_mar: {arguments.model_dir} holds {len(folders)} diffusers pipelines (folders with "
+                             f"model_index.json):{listing}\npass one of them with --model-dir")
+        return folders[0]
     return download(arguments.model_id, arguments.revision, arguments.work_dir / "downloads")
+
+
+def find_pipeline_folders(root: Path, max_depth: int = PIPELINE_SEARCH_DEPTH) -> list[Path]:
+    """Every pipeline folder (one holding model_index.json) at most ``max_depth`` levels below ``root``.
+
+    A pipeline folder is not searched further: its subfolders (unet/, vae/, ...) are its components. Hidden
+    folders (download caches, .git), symbolic links and folders that cannot be read are skipped.
+    """
+    found, level = [], [Path(root)]
+    for depth in range(max_depth + 1):
+        below = []
+        for folder in sorted(level):
+            if (folder / MODEL_INDEX).is_file():
+                found.append(folder)
+            elif depth < max_depth:
+                try:
+                    below += [child for child in folder.iterdir()
+                              if child.is_dir() and not child.is_symlink() and not child.name.startswith(".")]
+                except OSError:
+                    pass
+        level = below
+    return sorted(found)
+
+
+def archive_path(arguments: argparse.Namespace) -> Path:
+    """Where the build writes: NAME.mar, or the folder NAME for no-archive."""
+    if arguments.archive_format == "zip":
+        return arguments.export_path / f"{arguments.name}.mar"
+    return arguments.export_path / arguments.name
+
+
+def refuse_to_overwrite(arguments: argparse.Namespace) -> None:
+    """Stop before any work if the archive exists and --force was not given."""
+    output = archive_path(arguments)
+    if os.path.lexists(output) and not arguments.force:
+        kind = "archive folder" if output.is_dir() else "archive"
+        raise SystemExit(f"build_mar: the {kind} {output} already exists; pass --force to overwrite it, or "
+                         f"--name to build one under another name")
 
 
 def download(model_id: str, revision, downloads: Path) -> Path:
@@ -190,6 +236,7 @@ def run_archiver(arguments: argparse.Namespace, staging: Path) -> None:
 def build(arguments: argparse.Namespace) -> Path:
     """Build the archive and return its path (a .mar file, or a folder for no-archive)."""
     started = time.monotonic()
+    refuse_to_overwrite(arguments)
     if not arguments.config_file.is_file():
         raise SystemExit(f"build_mar: config file {arguments.config_file} not found")
     folder = pipeline_source(arguments)
@@ -203,10 +250,13 @@ def build(arguments: argparse.Namespace) -> Path:
         zip_pipeline(folder, staging / PIPELINE_ZIP)
         progress("[2/2] writing the .mar with torch-model-archiver")
         run_archiver(arguments, staging)
-        output = arguments.export_path / f"{arguments.name}.mar"
+        output = archive_path(arguments)
     else:
-        output = arguments.export_path / arguments.name
-        shutil.rmtree(output, ignore_errors=True)
+        output = archive_path(arguments)
+        if output.is_dir() and not output.is_symlink():
+            shutil.rmtree(output)
+        elif os.path.lexists(output):
+            output.unlink()
         progress("[1/2] writing the archive folder with torch-model-archiver")
         run_archiver(arguments, staging)
         progress(f"[2/2] copying {folder} into {output / PIPELINE_FOLDER}")

@@ -7,7 +7,7 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 export HF_HUB_OFFLINE=1
 scripts/setup.sh
-./build_mar.sh --tiny
+./build_mar.sh --tiny --force  # rebuilt on every run
 
 mkdir -p run
 cd run
