@@ -19,7 +19,7 @@ from handler import wire
 from handler.core.capabilities import capabilities_of
 from handler.core.contract import ClientRequest, Contract
 from handler.core.encoding import encode_images
-from handler.core.failures import INTERNAL_ERROR, NOT_IMPLEMENTED, Rejection
+from handler.core.failures import INTERNAL_ERROR, Rejection
 from handler.core.generation import GenerationEngine, GenerationResult
 from handler.core.settings import HandlerSettings
 from handler.metrics import ServiceMetrics
@@ -133,13 +133,7 @@ class StableDiffusionHandler(BaseHandler):
         """One request row -> a ClientRequest, or the Rejection that answers it."""
         headers = self.context.get_all_request_header(index) or {}
         try:
-            if wire.header(headers, "explain") == "True":
-                raise Rejection(NOT_IMPLEMENTED, "explanations are not offered for image generation; POST the "
-                                "request to /predictions/{model} instead")
-            fields, from_form = wire.read_body(row, wire.header(headers, "content-type"))
-            preferred = None if "output_format" in fields else wire.negotiate_format(
-                wire.header(headers, "accept"), self.settings.default_output_format)
-            return self.contract.parse(fields, from_form, preferred)
+            return wire.read_request(self.contract, row, headers)
         except Rejection as rejection:
             logger.info("rejected request %d: %s", index, rejection.message)
             return rejection

@@ -9,6 +9,7 @@ arrives as the client's bytes: JSON is parsed here, once, refusing duplicate key
 import json
 from typing import Any, Mapping, Optional
 
+from handler.core.contract import ClientRequest, Contract
 from handler.core.encoding import OUTPUT_FORMATS
 from handler.core.failures import (
     IMAGE_TOO_LARGE, INTERNAL_ERROR, INVALID_BODY, INVALID_FIELD, INVALID_IMAGE, INVALID_JSON, MISSING_PROMPT,
@@ -30,6 +31,20 @@ ACCEPTED_CONTENT_TYPES = (TEXT, JSON, *FORM)
 # A form value starting with an image file's signature is an uploaded file (curl -F image=@photo.png), kept
 # as bytes; any other form value is UTF-8 text.
 IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"RIFF")
+
+
+def read_request(contract: Contract, row: Mapping[str, Any], headers: Mapping[str, Any]) -> ClientRequest:
+    """One native request (TorchServe row + headers) -> a ClientRequest; raises Rejection.
+
+    The body's output_format wins over Accept, which wins over the model's default_output_format.
+    """
+    if header(headers, "explain") == "True":  # TorchServe's /explanations route sets this header
+        raise Rejection(NOT_IMPLEMENTED, "explanations are not offered for image generation; POST the request to "
+                        "/predictions/{model} instead")
+    fields, from_form = read_body(row, header(headers, "content-type"))
+    preferred = None if "output_format" in fields else negotiate_format(
+        header(headers, "accept"), contract.settings.default_output_format)
+    return contract.parse(fields, from_form, preferred)
 
 
 def status_of(rejection: Rejection) -> int:

@@ -20,7 +20,8 @@ def handle(handler, context, rows_and_headers):
 
 
 def json_row(**fields):
-    return ({"body": fields}, {"Content-Type": "application/json"})
+    """A JSON request as the worker hands it over with TorchServe's input decoding off: the client's bytes."""
+    return ({"body": json.dumps(fields).encode()}, {"Content-Type": "application/json"})
 
 
 def array_of(body: bytes) -> np.ndarray:
@@ -204,3 +205,37 @@ def test_the_operator_can_switch_the_safety_checker_off(tmp_path_factory):
         assert (handler.engine.pipeline.safety_checker is None) == (not enabled)
     assert results[True][0] == "true" and not results[True][1].any()
     assert results[False][0] is None and results[False][1].any()
+
+
+def test_an_explanation_in_a_batch_gets_a_501_and_never_fails_its_neighbours(served_handler):
+    handler, context = served_handler
+    explain = ({"body": b"a cat"}, {"Content-Type": "text/plain", "explain": "True"})
+    for position in (0, 2):  # sent first or last: TorchServe's own handle() looks only at request 0
+        rows = [json_row(prompt="a cat", seed=1, **SMALL), json_row(prompt="a dog", seed=2, **SMALL)]
+        rows.insert(position, explain)
+        bodies = handle(handler, context, rows)
+        statuses = [context.get_response_status(i)[0] for i in range(3)]
+        assert statuses[position] == 501 and statuses.count(200) == 2
+        assert json.loads(bodies[position])["error"]["reason"] == "not_implemented"
+
+
+@pytest.mark.parametrize("output_format, content_type", [("array", "application/json"), ("png", "image/png"),
+                                                         ("npy", "application/x-npy"), ("json", "application/json")])
+def test_each_format_gets_its_content_type_and_the_seeds_header(served_handler, output_format, content_type):
+    handler, context = served_handler
+    handle(handler, context, [json_row(prompt="a cat", seed=5, output_format=output_format, **SMALL)])
+    assert context.get_response_content_type(0) == content_type
+    assert context.get_response_headers(0)["X-Seeds"] == "5"
+
+
+def test_describe_gives_the_schema_and_capabilities_of_the_loaded_model(served_handler):
+    handler, context = served_handler
+    set_requests(context, [{"describe": "True"}])
+    described = json.loads(handler.handle([{}], context)[0])
+    schema, capabilities = described["request_schema"], described["capabilities"]
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    assert schema["properties"]["width"]["multipleOf"] == capabilities["size_multiple"] == 8
+    assert schema["properties"]["num_inference_steps"]["maximum"] == handler.settings.max_steps
+    assert set(schema["properties"]["scheduler"]["enum"]) == set(capabilities["schedulers"])
+    assert capabilities["tasks"] == ["text-to-image", "image-to-image", "inpainting"]
+    assert capabilities["default_scheduler"] == "pndm" and capabilities["default_width"] == 768

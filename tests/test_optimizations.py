@@ -42,7 +42,7 @@ def test_unknown_choices_are_rejected(key, value):
 
 def generate(pipeline) -> np.ndarray:
     request = GenerationRequest(prompt="a cat", negative_prompt=None, num_inference_steps=2, guidance_scale=7.5,
-                                width=64, height=64, seeds=(3, 4), scheduler=None, output_format="npy")
+                                width=64, height=64, seeds=(3, 4), scheduler=None)
     return GenerationEngine(pipeline, 10**7).generate([request])[0].images
 
 

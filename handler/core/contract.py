@@ -21,7 +21,7 @@ from PIL import Image
 
 from handler.core.capabilities import IMAGE_TO_IMAGE, INPAINTING, TEXT_TO_IMAGE, ModelCapabilities
 from handler.core.encoding import OUTPUT_FORMATS, SINGLE_IMAGE_FORMATS
-from handler.core.failures import MISSING_PROMPT, UNKNOWN_FIELD, UNSUPPORTED_TASK, invalid, shown
+from handler.core.failures import MAX_SHOWN, MISSING_PROMPT, UNKNOWN_FIELD, UNSUPPORTED_TASK, invalid, shown
 from handler.core.images import decode_image
 from handler.core.settings import HandlerSettings, SettingsError
 
@@ -332,8 +332,7 @@ class Contract:
         """
         self._check_names(body)
         given = {name: body[name] for name in self.fields if _given(body.get(name), from_form)}
-        values = {name: self.fields[name].type.read(name, value, from_form) for name, value in given.items()
-                  if not isinstance(self.fields[name].type, ImageInput)}
+        values = {name: self.fields[name].type.read(name, value, from_form) for name, value in given.items()}
         if "prompt" not in given:
             raise invalid("prompt", "prompt is required: a non-empty string", reason=MISSING_PROMPT)
         for name in given:
@@ -358,7 +357,7 @@ class Contract:
             self._check_pixels(value("width"), value("height"), num_images)
 
         # Images last: decoding is the one expensive check.
-        images = {name: self.fields[name].type.decode(name, given[name])
+        images = {name: self.fields[name].type.decode(name, values[name])
                   for name in ("image", "mask_image") if name in given}
         image, mask_image = images.get("image"), images.get("mask_image")
         width, height = value("width"), value("height")
@@ -386,14 +385,14 @@ class Contract:
         if unknown:
             listed = ", ".join(shown(name) for name in unknown[:MAX_UNKNOWN_SHOWN])
             more = f" and {len(unknown) - MAX_UNKNOWN_SHOWN} more" if len(unknown) > MAX_UNKNOWN_SHOWN else ""
-            raise invalid(shown(unknown[0]), f"unknown field(s) {listed}{more}; known fields: {list(self.fields)}",
+            raise invalid(unknown[0][:MAX_SHOWN], f"unknown field(s) {listed}{more}; known fields: {list(self.fields)}",
                           reason=UNKNOWN_FIELD)
         for name, spec in self.declared.items():
             if name not in self.fields and name in body:
                 what = f"the {spec.task} task" if spec.task else spec.capability.replace("_", " ") + "s"
                 offered = f"; it offers {list(self.capabilities.tasks)}" if spec.task else ""
-                raise invalid(name, f"{name} needs {what}, which {self.capabilities.pipeline_class} does not "
-                              f"offer{offered}; leave the field out", reason=UNSUPPORTED_TASK)
+                raise invalid(name, f"{name} is not supported by {self.capabilities.pipeline_class}: it needs "
+                              f"{what}{offered}; leave the field out", reason=UNSUPPORTED_TASK)
 
     def _side_of(self, image: Image.Image, name: str) -> int:
         """An input image's side rounded down to the size multiple; must fit the side limits as it is."""

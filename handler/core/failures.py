@@ -29,7 +29,7 @@ REASONS = (INVALID_FIELD, UNKNOWN_FIELD, MISSING_PROMPT, INVALID_BODY, INVALID_J
 MAX_SHOWN = 80
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen: raising sets __traceback__ and __cause__ on the instance
 class Rejection(Exception):
     """A request the service will not run, or could not finish: the kind, the field at fault, what to fix."""
 
