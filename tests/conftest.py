@@ -1,20 +1,24 @@
-"""Shared fixtures: the tiny pipeline, a handler driven in-process, and a real TorchServe.
+"""Shared fixtures: the tiny pipeline, a handler driven in-process, and real TorchServes.
 
 The only stand-in is TorchServe's own ``Context`` object built by hand (with real RequestProcessors and a
 real metrics cache): that is how TorchServe's unit tests drive handlers without starting the server.
+The functions these fixtures use live in helpers.py; ``make_context``, ``set_requests``, ``REPO_ROOT`` and
+``run_build_mar`` stay importable from here.
 """
 
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from helpers import (  # noqa: E402  (HF_HUB_OFFLINE must be set before anything imports huggingface_hub)
+    MODEL, REPO_ROOT, build_tiny_mar, make_context, run_build_mar, set_requests, start_server, stop_server,
+)
+
+__all__ = ["REPO_ROOT", "make_context", "run_build_mar", "set_requests"]
 
 
 @pytest.fixture(scope="session")
@@ -33,26 +37,6 @@ def tiny_pipeline(tiny_pipeline_dir):
     import torch
 
     return load_pipeline(tiny_pipeline_dir, Placement("cpu", torch.float32))
-
-
-def make_context(model_dir: Path, handler_settings: dict | None = None, batch_size: int = 1):
-    """A TorchServe Context as the worker builds it, for a model unpacked in ``model_dir``."""
-    import ts
-    from ts.context import Context
-    from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
-
-    metrics = MetricsCacheYamlImpl(str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
-    metrics.initialize_cache()
-    return Context("stable_diffusion", str(model_dir), None, batch_size, None, "0.12.0", metrics=metrics,
-                   model_yaml_config={"handler": handler_settings or {}})
-
-
-def set_requests(context, headers: list[dict]):
-    """Attach one RequestProcessor per request, as the worker does before calling handle()."""
-    from ts.context import RequestProcessor
-
-    context.request_processor = [RequestProcessor(dict(header)) for header in headers]
-    context.request_ids = {index: f"request-{index}" for index in range(len(headers))}
 
 
 @pytest.fixture(scope="session")
@@ -81,27 +65,29 @@ def tiny_mar(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("build")
     store = work / "model_store"
     run_build_mar("--tiny", "--export-path", store, "--work-dir", work / "scratch")
-    return store / "stable_diffusion.mar"
-
-
-def run_build_mar(*arguments) -> None:
-    """Run build_mar.sh as a user would, with the Python running the tests."""
-    subprocess.run([str(REPO_ROOT / "build_mar.sh"), *map(str, arguments)], check=True,
-                   env={**os.environ, "PYTHON": sys.executable})
+    return store / f"{MODEL}.mar"
 
 
 @pytest.fixture(scope="session")
 def torchserve(tiny_mar, tmp_path_factory):
-    """A real TorchServe on loopback serving the tiny .mar, token authorization on; stopped at the end."""
-    from harness.local_server import LocalTorchServe
-
-    server = LocalTorchServe(tmp_path_factory.mktemp("torchserve"), tiny_mar.parent,
-                             {"stable_diffusion": tiny_mar.name})
-    server.start()
+    """A real TorchServe on loopback serving the tiny .mar with the shipped configs, token authorization on;
+    stopped at the end. Tests that change it (scaling) must put it back as they found it."""
+    server = start_server(tmp_path_factory.mktemp("torchserve"), tiny_mar)
     try:
         yield server
     finally:
-        processes = server.processes()
-        server.stop()
-        assert not [process for process in processes if process.is_running() and process.status() != "zombie"], \
-            "TorchServe left processes running after stop"
+        stop_server(server)
+
+
+@pytest.fixture(scope="session")
+def batched_server(tmp_path_factory):
+    """A real TorchServe with dynamic batching: batchSize 4, maxBatchDelay 1000 ms, one worker (so every
+    batch TorchServe forms reaches the same handler). Shared by the batching and explanation tests."""
+    work = tmp_path_factory.mktemp("batched")
+    mar = build_tiny_mar(work, {"batchSize": 4, "maxBatchDelay": 1000, "minWorkers": 1, "maxWorkers": 1},
+                         {"warmup": False})
+    server = start_server(work / "server", mar)
+    try:
+        yield server
+    finally:
+        stop_server(server)
