@@ -14,7 +14,7 @@ from handler.core.encoding import OUTPUT_FORMATS
 from handler.core.failures import (
     IMAGE_TOO_LARGE, INTERNAL_ERROR, INVALID_BODY, INVALID_FIELD, INVALID_IMAGE, INVALID_JSON, MISSING_PROMPT,
     NOT_ACCEPTABLE, NOT_IMPLEMENTED, OUT_OF_MEMORY, UNKNOWN_FIELD, UNSUPPORTED_MEDIA_TYPE, UNSUPPORTED_TASK,
-    Rejection, shown,
+    MAX_SHOWN, Rejection, shown,
 )
 
 STATUS_OF_REASON = {
@@ -110,7 +110,7 @@ def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
     for key, value in pairs:
         if key in result:
             raise Rejection(INVALID_BODY, f"the JSON body repeats the key {shown(key)}; give each field once",
-                            field=shown(key))
+                            field=key[:MAX_SHOWN])
         result[key] = value
     return result
 

@@ -50,7 +50,12 @@ def read_properties(path: Path) -> dict[str, str]:
 
 @dataclass
 class LocalTorchServe:
-    """One TorchServe started from the repository's config.properties, with ports and folders replaced."""
+    """One TorchServe started from the repository's config.properties, with ports and folders replaced.
+
+    ``bin_dir`` is the environment whose ``torchserve`` (and so whose Python, for the workers) runs the server;
+    by default the one running this code. With ``bin_dir`` set the server gets nothing of this environment:
+    PYTHONPATH, PYTHONHOME and VIRTUAL_ENV are left out of its environment.
+    """
 
     folder: Path
     model_store: Path
@@ -58,9 +63,14 @@ class LocalTorchServe:
     overrides: dict[str, str] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
     pid: Optional[int] = None
+    bin_dir: Optional[Path] = None
 
     def __post_init__(self):
         self.folder = Path(self.folder)
+        if self.bin_dir is not None:
+            self.bin_dir = Path(self.bin_dir)
+            if not (self.bin_dir / "torchserve").is_file():
+                raise FileNotFoundError(f"no torchserve in {self.bin_dir}")
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "tmp").mkdir(exist_ok=True)
         self.ports = dict(zip(PORT_KEYS, free_ports(len(PORT_KEYS))))
@@ -82,7 +92,10 @@ class LocalTorchServe:
         tmp = str(self.folder / "tmp")
         env.update(TMPDIR=tmp, LOG_LOCATION=str(self.folder / "logs"), METRICS_LOCATION=str(self.folder / "logs"),
                    HF_HUB_OFFLINE="1")
-        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        if self.bin_dir is not None:
+            for name in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV"):
+                env.pop(name, None)
+        env["PATH"] = f"{self.bin_dir or Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         return env
 
     def write_config(self) -> Path:
