@@ -33,7 +33,7 @@ SETTINGS = HandlerSettings()
 CONTRACTS = {family: Contract(SETTINGS, capabilities_of_family(family)) for family in FAMILIES}
 CONTRACTS["sd1-text-to-image-only"] = Contract(SETTINGS, capabilities_of_family("sd1", tasks=(TEXT_TO_IMAGE,)))
 every_contract = pytest.mark.parametrize("contract", list(CONTRACTS.values()), ids=list(CONTRACTS))
-PROPERTY_SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPERTY_SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MAX_MESSAGE = 1024  # a rejection's message must stay short whatever the client sent
 
 
