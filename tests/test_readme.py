@@ -6,8 +6,10 @@ from dataclasses import fields
 import yaml
 
 from conftest import REPO_ROOT
-from handler.core.contract import FIELD_NAMES, describe_fields
+from handler.core.contract import FIELD_NAMES, Contract
+from handler.core.failures import REASONS
 from handler.core.settings import HandlerSettings
+from handler.wire import STATUS_OF_REASON
 
 README = (REPO_ROOT / "README.md").read_text()
 
@@ -25,12 +27,22 @@ def table_rows(heading: str) -> dict[str, list[str]]:
     return rows
 
 
-def test_api_table_matches_the_parser():
+def test_api_table_is_the_contract_declaration():
     rows = table_rows("API")
-    documented = {name: cells[:2] for name, cells in rows.items()}
-    expected = {doc.name: [doc.default, doc.allowed] for doc in describe_fields(HandlerSettings())}
-    assert documented == expected
+    expected = {name: [default, allowed, meaning]
+                for name, default, allowed, meaning in Contract(HandlerSettings()).field_table()}
+    assert rows == expected
     assert set(rows) == set(FIELD_NAMES)
+
+
+def test_every_failure_kind_and_its_status_is_documented():
+    errors = README.split("**Errors.**", 1)[1].split("\n\n", 2)[2]
+    for reason, status in STATUS_OF_REASON.items():
+        assert f"`{reason}`" in errors, reason
+        statement = errors.split(f"`{reason}`")[0].rsplit(";", 1)[-1]
+        assert str(status) in statement, (reason, status)
+    metrics = table_rows("Metrics")["RejectedRequests"][-1]
+    assert all(f"`{reason}`" in metrics for reason in REASONS)
 
 
 def test_configuration_table_matches_the_settings_defaults():
