@@ -55,7 +55,7 @@ from handler.model.device import available_cores  # noqa: E402
 from handler.core.encoding import encode_images  # noqa: E402
 from handler.core.generation import GenerationResult  # noqa: E402
 from harness.local_server import LocalTorchServe  # noqa: E402
-from handler.core.settings import OUTPUT_FORMATS  # noqa: E402
+from handler.core.encoding import OUTPUT_FORMATS  # noqa: E402
 from builder.tiny_pipeline import build_tiny_pipeline  # noqa: E402
 
 OURS = "stable_diffusion"
@@ -225,14 +225,14 @@ class InProcess:
 
     def generate(self, body: dict) -> GenerationResult:
         """Parse ``body`` as the handler does and run it through the handler's inference step."""
-        (outcome,) = self.handler.inference([self.handler.parser.parse({"body": body}, {})])
+        ((outcome, _),) = self.handler.inference([self.handler.contract.parse(body)])
         if not isinstance(outcome, GenerationResult):
             raise RuntimeError(f"in-process generation failed: {outcome}")
         return outcome
 
     def time_generation(self, body: dict) -> float:
         """Seconds of the inference step alone: parsing, like encoding, is part of what serving adds."""
-        request = self.handler.parser.parse({"body": body}, {})
+        request = self.handler.contract.parse(body)
         started = time.perf_counter()
         self.handler.inference([request])
         return time.perf_counter() - started
@@ -256,8 +256,8 @@ def measure_encoding(reference: InProcess, plan: Plan) -> list[Row]:
         samples = []
         for _ in range(plan.encode_runs):
             started = time.perf_counter()
-            body = encode_images(result.images, output_format, list(request.seeds), request.parameters(),
-                                 result.timings_ms, result.nsfw).body
+            body = encode_images(result.images, output_format, list(request.seeds), result.parameters(),
+                                 result.timings_ms, result.nsfw)
             samples.append((time.perf_counter() - started) * 1000)
         sizes[output_format] = len(body)
         rows += [Row(group, f"{output_format}: response bytes", len(body), "bytes"),
