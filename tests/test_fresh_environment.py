@@ -9,6 +9,7 @@ The environment is built once per test session (a minute or two: pip prints its 
 import ast
 import io
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -57,8 +58,9 @@ def clean_environment() -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def fresh_venv(tmp_path_factory, request) -> Path:
-    """A new virtual environment with only the runtime dependencies; returns its bin/ folder."""
+def fresh_venv(tmp_path_factory, request):
+    """A new virtual environment with only the runtime dependencies, as its bin/ folder; removed at the end of
+    the session (1.5 GB, and pytest keeps the temporary folders of the last three sessions)."""
     folder = tmp_path_factory.mktemp("fresh-env")
     venv = folder / "venv"
     started = time.monotonic()
@@ -70,7 +72,10 @@ def fresh_venv(tmp_path_factory, request) -> Path:
                         "-c", str(REPO_ROOT / "constraints.txt"), *RUNTIME],
                        check=True, cwd=folder, env=clean_environment(), timeout=1200)
         progress(f"environment ready in {time.monotonic() - started:.0f} s")
-    return venv / "bin"
+    try:
+        yield venv / "bin"
+    finally:
+        shutil.rmtree(venv, ignore_errors=True)
 
 
 def run_python(bin_dir: Path, code: str, cwd: Path) -> subprocess.CompletedProcess:
