@@ -242,6 +242,20 @@ def capabilities_of_family(family: str, tasks: Optional[tuple[str, ...]] = None)
     )
 
 
+def family_contracts(settings=None) -> dict:
+    """A Contract per family (builder/families.py), plus an SD1 that offers text-to-image only (a pipeline
+    whose image-to-image and inpainting variants could not be set up); default settings unless given."""
+    from builder.families import FAMILIES
+    from handler.core.capabilities import TEXT_TO_IMAGE
+    from handler.core.contract import Contract
+    from handler.core.settings import HandlerSettings
+
+    settings = settings or HandlerSettings()
+    contracts = {family: Contract(settings, capabilities_of_family(family)) for family in FAMILIES}
+    contracts["sd1-text-to-image-only"] = Contract(settings, capabilities_of_family("sd1", (TEXT_TO_IMAGE,)))
+    return contracts
+
+
 def shipped_settings():
     """HandlerSettings from the shipped model-config.yaml's handler: section."""
     from handler.core.settings import HandlerSettings

@@ -19,19 +19,15 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, settings, strategies as st
 from PIL import Image
 
-from builder.families import FAMILIES
 from handler import wire
-from handler.core.capabilities import TEXT_TO_IMAGE
 from handler.core.contract import FIELD_NAMES, MAX_SEED, ClientRequest, Contract
 from handler.core.encoding import OUTPUT_FORMATS, SINGLE_IMAGE_FORMATS
 from handler.core.failures import Rejection
 from handler.core.schedulers import SCHEDULERS  # every name, valid or not for a family
 from handler.core.settings import HandlerSettings
-from helpers import capabilities_of_family, png_bytes, solid
+from helpers import family_contracts, png_bytes, solid
 
-SETTINGS = HandlerSettings()
-CONTRACTS = {family: Contract(SETTINGS, capabilities_of_family(family)) for family in FAMILIES}
-CONTRACTS["sd1-text-to-image-only"] = Contract(SETTINGS, capabilities_of_family("sd1", tasks=(TEXT_TO_IMAGE,)))
+CONTRACTS = family_contracts(HandlerSettings())
 every_contract = pytest.mark.parametrize("contract", list(CONTRACTS.values()), ids=list(CONTRACTS))
 PROPERTY_SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MAX_MESSAGE = 1024  # a rejection's message must stay short whatever the client sent
