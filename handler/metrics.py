@@ -23,6 +23,10 @@ class ServiceMetrics:
         self.encode_seconds = cache.add_metric_to_cache("EncodeSeconds", "Seconds", [MODEL], MetricTypes.HISTOGRAM)
         self.rejected = cache.add_metric_to_cache("RejectedRequests", "Count", [MODEL, REASON], MetricTypes.COUNTER)
         self.flagged = cache.add_metric_to_cache("NSFWFlaggedImages", "Count", [MODEL], MetricTypes.COUNTER)
+        self.first_progress_seconds = cache.add_metric_to_cache("TimeToFirstProgressSeconds", "Seconds", [MODEL],
+                                                                MetricTypes.HISTOGRAM)
+        self.deadline_stops = cache.add_metric_to_cache("DeadlineStoppedRequests", "Count", [MODEL],
+                                                        MetricTypes.COUNTER)
 
     def generated(self, images: int, pixel_steps: int) -> None:
         self.images.add_or_update(images, [self.model_name])
@@ -39,3 +43,10 @@ class ServiceMetrics:
 
     def flagged_images(self, count: int) -> None:
         self.flagged.add_or_update(count, [self.model_name])
+
+    def first_progress(self, seconds: float) -> None:
+        """Seconds from the worker receiving a streaming request to its first progress line."""
+        self.first_progress_seconds.add_or_update(seconds, [self.model_name])
+
+    def deadline_stopped(self) -> None:
+        self.deadline_stops.add_or_update(1, [self.model_name])

@@ -18,11 +18,12 @@ from ts.torch_handler.base_handler import BaseHandler
 from handler import wire
 from handler.core.capabilities import capabilities_of
 from handler.core.contract import ClientRequest, Contract
-from handler.core.encoding import encode_images
-from handler.core.failures import INTERNAL_ERROR, Rejection
+from handler.core.encoding import encode_images, result_document
+from handler.core.failures import INTERNAL_ERROR, TIMEOUT, Rejection
 from handler.core.generation import GenerationEngine, GenerationResult
 from handler.core.settings import HandlerSettings
 from handler.metrics import ServiceMetrics
+from handler.streaming import StreamSender
 from handler.model.device import WorkerRegistry, available_cores, choose_placement, threads_per_worker
 from handler.model.loading import load_pipeline
 from handler.model.pipeline_files import locate_pipeline
@@ -96,34 +97,56 @@ class StableDiffusionHandler(BaseHandler):
         work = [item.generation if isinstance(item, ClientRequest) else item for item in data]
         logger.info("worker %d generating for %d request(s)", os.getpid(),
                     sum(isinstance(item, ClientRequest) for item in data))
+        streams = {index: item.generation.seeds for index, item in enumerate(data)
+                   if isinstance(item, ClientRequest) and item.stream}
+        sender = StreamSender(self.context, self.metrics, streams) if streams else None
         with torch.inference_mode():
-            outcomes = self.engine.generate(work)
+            outcomes = self.engine.generate(work, on_progress=sender, received=started)
         images = sum(len(outcome.images) for outcome in outcomes if isinstance(outcome, GenerationResult))
         logger.info("worker %d generated %d image(s) for %d request(s) in %.2f s", os.getpid(), images, len(data),
                     time.perf_counter() - started)
-        return [(outcome, item.output_format if isinstance(item, ClientRequest) else None)
-                for outcome, item in zip(outcomes, data)]
+        return list(zip(outcomes, data))
 
     def postprocess(self, data):
-        return [self._respond(index, outcome, output_format) for index, (outcome, output_format) in enumerate(data)]
+        return [self._respond(index, outcome, item) for index, (outcome, item) in enumerate(data)]
 
-    def _respond(self, index: int, outcome, output_format):
+    def _respond(self, index: int, outcome, item) -> bytes:
+        """The body, status, content type and headers of one request.
+
+        A stream ends with one result or error event sent with status 200, since its first lines may be out.
+        """
+        stream = isinstance(item, ClientRequest) and item.stream
+        if stream:
+            self.context.set_response_content_type(index, wire.STREAM_CONTENT_TYPE)
         if isinstance(outcome, GenerationResult):
-            started = time.perf_counter()
-            body = encode_images(outcome.images, output_format, list(outcome.request.seeds), outcome.parameters(),
-                                 outcome.timings_ms, outcome.nsfw)
-            self.metrics.encoded(time.perf_counter() - started)
+            seeds = list(outcome.request.seeds)
+            for name, value in wire.result_headers(seeds, outcome.nsfw).items():
+                self.context.set_response_header(index, name, value)
             if outcome.nsfw:
                 self.metrics.flagged_images(sum(outcome.nsfw))
-            self.context.set_response_content_type(index, wire.CONTENT_TYPE_OF_FORMAT[output_format])
-            for name, value in wire.result_headers(list(outcome.request.seeds), outcome.nsfw).items():
-                self.context.set_response_header(index, name, value)
+            started = time.perf_counter()
+            if stream:
+                document = result_document(outcome.images, item.output_format, seeds, outcome.parameters(),
+                                           outcome.timings_ms, outcome.nsfw)
+                body = wire.event_line({"event": "result", **document})
+            else:
+                body = encode_images(outcome.images, item.output_format, seeds, outcome.parameters(),
+                                     outcome.timings_ms, outcome.nsfw)
+                self.context.set_response_content_type(index, wire.CONTENT_TYPE_OF_FORMAT[item.output_format])
+            self.metrics.encoded(time.perf_counter() - started)
             return body
-        self.metrics.rejected_request(outcome.reason)
+        self._count_rejection(outcome)
+        if stream:
+            return wire.event_line(wire.error_event(outcome))
         status = wire.status_of(outcome)
         self.context.set_response_status(status, HTTPStatus(status).phrase, index)
         self.context.set_response_content_type(index, "application/json")
         return wire.error_body(outcome)
+
+    def _count_rejection(self, rejection: Rejection) -> None:
+        self.metrics.rejected_request(rejection.reason)
+        if rejection.reason == TIMEOUT:
+            self.metrics.deadline_stopped()
 
     def _record_call(self, images: int, pixel_steps: int, seconds: float) -> None:
         self.metrics.generated(images, pixel_steps)

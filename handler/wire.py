@@ -6,6 +6,7 @@ The handler runs with TorchServe's input decoding off (``TS_DECODE_INPUT_REQUEST
 arrives as the client's bytes: JSON is parsed here, once, refusing duplicate keys.
 """
 
+import base64
 import json
 from typing import Any, Mapping, Optional
 
@@ -13,15 +14,16 @@ from handler.core.contract import ClientRequest, Contract
 from handler.core.encoding import OUTPUT_FORMATS
 from handler.core.failures import (
     IMAGE_TOO_LARGE, INTERNAL_ERROR, INVALID_BODY, INVALID_FIELD, INVALID_IMAGE, INVALID_JSON, MISSING_PROMPT,
-    NOT_ACCEPTABLE, NOT_IMPLEMENTED, OUT_OF_MEMORY, UNKNOWN_FIELD, UNSUPPORTED_MEDIA_TYPE, UNSUPPORTED_TASK,
+    NOT_ACCEPTABLE, NOT_IMPLEMENTED, OUT_OF_MEMORY, TIMEOUT, UNKNOWN_FIELD, UNSUPPORTED_MEDIA_TYPE, UNSUPPORTED_TASK,
     MAX_SHOWN, Rejection, shown,
 )
 
 STATUS_OF_REASON = {
     INVALID_FIELD: 400, UNKNOWN_FIELD: 400, MISSING_PROMPT: 400, INVALID_BODY: 400, INVALID_JSON: 400,
     INVALID_IMAGE: 400, UNSUPPORTED_TASK: 400, IMAGE_TOO_LARGE: 413, UNSUPPORTED_MEDIA_TYPE: 415,
-    NOT_ACCEPTABLE: 406, NOT_IMPLEMENTED: 501, OUT_OF_MEMORY: 507, INTERNAL_ERROR: 500,
+    NOT_ACCEPTABLE: 406, NOT_IMPLEMENTED: 501, OUT_OF_MEMORY: 507, TIMEOUT: 504, INTERNAL_ERROR: 500,
 }
+STREAM_CONTENT_TYPE = "application/x-ndjson"
 CONTENT_TYPE_OF_FORMAT = {
     "array": "application/json", "json": "application/json", "png": "image/png", "jpeg": "image/jpeg",
     "webp": "image/webp", "npy": "application/x-npy",
@@ -36,25 +38,57 @@ IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"RIFF")
 def read_request(contract: Contract, row: Mapping[str, Any], headers: Mapping[str, Any]) -> ClientRequest:
     """One native request (TorchServe row + headers) -> a ClientRequest; raises Rejection.
 
-    The body's output_format wins over Accept, which wins over the model's default_output_format.
+    The body's output_format wins over Accept, which wins over the model's default_output_format. An Accept
+    that names application/x-ndjson asks for a stream, as the body's ``"stream": true`` does.
     """
     if header(headers, "explain") == "True":  # TorchServe's /explanations route sets this header
         raise Rejection(NOT_IMPLEMENTED, "explanations are not offered for image generation; POST the request to "
                         "/predictions/{model} instead")
     fields, from_form = read_body(row, header(headers, "content-type"))
-    preferred = None if "output_format" in fields else negotiate_format(
-        header(headers, "accept"), contract.settings.default_output_format)
+    accept = header(headers, "accept")
+    preferred = None
+    if asks_for_stream(accept):
+        fields = {"stream": True, **fields}
+    elif "output_format" not in fields:
+        preferred = negotiate_format(accept, contract.settings.default_output_format)
     return contract.parse(fields, from_form, preferred)
+
+
+def asks_for_stream(accept: Optional[str]) -> bool:
+    """Whether an Accept header names the NDJSON stream (a wildcard alone does not)."""
+    return any(media == STREAM_CONTENT_TYPE and q > 0
+               for media, q in (_media_range(part) for part in (accept or "").split(",") if part.strip()))
 
 
 def status_of(rejection: Rejection) -> int:
     return STATUS_OF_REASON[rejection.reason]
 
 
+def error_object(rejection: Rejection) -> dict:
+    return {"code": status_of(rejection), "reason": rejection.reason, "field": rejection.field,
+            "message": rejection.message}
+
+
 def error_body(rejection: Rejection) -> bytes:
     """The body of every error: ``{"error": {"code", "reason", "field", "message"}}``."""
-    return json.dumps({"error": {"code": status_of(rejection), "reason": rejection.reason,
-                                 "field": rejection.field, "message": rejection.message}}).encode()
+    return json.dumps({"error": error_object(rejection)}).encode()
+
+
+def event_line(event: dict) -> bytes:
+    """One NDJSON line of a stream."""
+    return json.dumps(event, separators=(",", ":")).encode() + b"\n"
+
+
+def progress_event(progress, preview_jpeg: Optional[bytes]) -> dict:
+    event = {"event": "progress", "step": progress.step, "total": progress.total,
+             "elapsed_ms": progress.elapsed_ms, "eta_ms": progress.eta_ms}
+    if preview_jpeg is not None:
+        event["preview"] = base64.b64encode(preview_jpeg).decode("ascii")
+    return event
+
+
+def error_event(rejection: Rejection) -> dict:
+    return {"event": "error", "error": error_object(rejection)}
 
 
 def header(headers: Mapping[str, Any], name: str) -> Optional[str]:

@@ -148,11 +148,11 @@ def test_out_of_memory_is_a_507_and_the_worker_keeps_serving(served_handler, mon
     calls = []
     original = handler.engine._call_pipeline
 
-    def fail_once(group):
+    def fail_once(group, *watcher):
         calls.append(len(group))
         if len(calls) == 1:
             raise torch.OutOfMemoryError("CUDA out of memory")
-        return original(group)
+        return original(group, *watcher)
 
     monkeypatch.setattr(handler.engine, "_call_pipeline", fail_once)
     bodies = handle(handler, context, [json_row(prompt="a cat", seed=1, **SMALL),
@@ -168,10 +168,10 @@ def test_a_request_that_breaks_a_shared_call_fails_alone(served_handler, monkeyp
     handler, context = served_handler
     original = handler.engine._call_pipeline
 
-    def fail_on_poison(group):
+    def fail_on_poison(group, *watcher):
         if any(request.prompt == "poison" for request in group):
             raise TypeError("TextEncodeInput must be ...")
-        return original(group)
+        return original(group, *watcher)
 
     monkeypatch.setattr(handler.engine, "_call_pipeline", fail_on_poison)
     bodies = handle(handler, context, [json_row(prompt="a cat", seed=1, **SMALL),

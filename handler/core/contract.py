@@ -27,6 +27,7 @@ from handler.core.settings import HandlerSettings, SettingsError
 
 MAX_SEED = 2**63 - 1  # torch.Generator seeds are 64-bit; JSON clients keep them as signed integers
 MAX_UNKNOWN_SHOWN = 5
+STREAM_DEFAULT_FORMAT = "png"
 
 
 # --- Where a bound comes from --------------------------------------------------------------------------------
@@ -161,6 +162,24 @@ class Choice:
 
 
 @dataclass(frozen=True)
+class Boolean:
+    FORM_WORDS = {"true": True, "1": True, "false": False, "0": False}
+
+    def rule(self) -> str:
+        return "true or false"
+
+    def read(self, name: str, value, from_form: bool) -> bool:
+        if from_form and isinstance(value, str) and value.strip().lower() in self.FORM_WORDS:
+            return self.FORM_WORDS[value.strip().lower()]
+        if not isinstance(value, bool):
+            raise invalid(name, f"{name} must be {self.rule()}, got {shown(value)}")
+        return value
+
+    def schema(self) -> dict:
+        return {"type": "boolean"}
+
+
+@dataclass(frozen=True)
 class ImageInput:
     """An input image: base64 or a data URL in JSON, the file itself in a multipart form."""
 
@@ -185,7 +204,7 @@ class ImageInput:
         return {"type": "string", "minLength": 1, "contentEncoding": "base64"}
 
 
-FieldType = Union[Text, Integer, Number, Choice, ImageInput]
+FieldType = Union[Text, Integer, Number, Choice, Boolean, ImageInput]
 
 
 # --- The declaration ------------------------------------------------------------------------------------------
@@ -238,7 +257,13 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("num_images", Integer(1, Setting("max_images")), 1, "images to make from this prompt"),
     FieldSpec("scheduler", Choice(Capability("schedulers")), PIPELINE_SCHEDULER, "the sampler"),
     FieldSpec("output_format", Choice(OUTPUT_FORMATS), Setting("default_output_format"),
-              "how the images come back (else the Accept header, else the setting)"),
+              "how the images come back (else the Accept header, else the setting; png when streaming)"),
+    FieldSpec("stream", Boolean(), False,
+              "answer with NDJSON progress events, then the result (also: Accept: application/x-ndjson)"),
+    FieldSpec("preview_every", Integer(1, Setting("max_steps")), NONE,
+              "with stream: every k-th progress event carries a small JPEG preview", requires=("stream",)),
+    FieldSpec("timeout_seconds", Number(0.0, Setting("max_generation_seconds"), exclusive_minimum=True),
+              Setting("max_generation_seconds"), "stop the generation when this much time has passed (504)"),
     FieldSpec("image", ImageInput("RGB", Setting("max_input_image_pixels")), NONE,
               "input image: switches to image-to-image", task=IMAGE_TO_IMAGE),
     FieldSpec("mask_image", ImageInput("L", Setting("max_input_image_pixels")), NONE,
@@ -251,7 +276,8 @@ FIELD_NAMES = tuple(spec.name for spec in FIELDS)
 CROSS_FIELD_RULES = {  # formatted with the settings' values
     "width": "width x height <= {max_pixels}; an input image's own size must lie in {min_side} .. {max_side}",
     "num_images": "width x height x num_images <= {max_request_pixels}",
-    "output_format": "png, jpeg and webp hold one image: num_images must be 1",
+    "output_format": "png, jpeg and webp hold one image: num_images must be 1 (streams: any number); streams "
+                     "carry png, jpeg or webp",
     "strength": "num_inference_steps x strength >= 1",
 }
 
@@ -270,6 +296,8 @@ class GenerationRequest:
     height: int
     seeds: tuple[int, ...]
     scheduler: Optional[str]  # None: the pipeline's own scheduler
+    timeout_seconds: Optional[float] = None  # counted from when the worker received the request
+    preview_every: int = 0  # 0: no previews
     image: Optional[Image.Image] = field(default=None, compare=False)
     mask_image: Optional[Image.Image] = field(default=None, compare=False)
     strength: Optional[float] = None
@@ -292,17 +320,18 @@ class GenerationRequest:
         return self.width * self.height * self.num_images
 
     def batch_key(self) -> tuple:
-        """Requests with equal keys can share one pipeline call."""
+        """Requests with equal keys can share one pipeline call (a deadline stops a call: only equal ones share)."""
         return (self.task, self.width, self.height, self.num_inference_steps, self.guidance_scale,
-                self.scheduler, self.strength, self.negative_prompt is not None)
+                self.scheduler, self.strength, self.negative_prompt is not None, self.timeout_seconds)
 
 
 @dataclass(frozen=True)
 class ClientRequest:
-    """A parsed body: what to generate, and in which format the door should return it."""
+    """A parsed body: what to generate, and how the door should return it (a format; a stream or not)."""
 
     generation: GenerationRequest
     output_format: str
+    stream: bool = False
 
 
 # --- The contract bound to one loaded model -------------------------------------------------------------------
@@ -343,13 +372,17 @@ class Contract:
         def value(name):
             return values[name] if name in values else self.fields[name].default
 
-        steps, num_images = value("num_inference_steps"), value("num_images")
-        output_format = values.get("output_format", preferred_format or self.settings.default_output_format)
+        steps, num_images, stream = value("num_inference_steps"), value("num_images"), value("stream")
+        default_format = STREAM_DEFAULT_FORMAT if stream else preferred_format or self.settings.default_output_format
+        output_format = values.get("output_format", default_format)
         strength = value("strength") if "image" in given else None
         if strength is not None and int(steps * strength) < 1:
             raise invalid("strength", f"num_inference_steps x strength is {steps} x {strength} and must be at "
                           "least 1 (the image is denoised for that many steps); raise either")
-        if output_format in SINGLE_IMAGE_FORMATS and num_images > 1:
+        if stream and output_format not in SINGLE_IMAGE_FORMATS:
+            raise invalid("output_format", f"a stream carries its images as png, jpeg or webp files; got "
+                          f"output_format {output_format}")
+        if output_format in SINGLE_IMAGE_FORMATS and num_images > 1 and not stream:
             raise invalid("output_format", f"output_format {output_format} holds one image but num_images is "
                           f"{num_images}; use json, npy or array for several images")
         explicit_size = "image" not in given or ("width" in values and "height" in values)
@@ -376,9 +409,10 @@ class Contract:
             prompt=values["prompt"], negative_prompt=values.get("negative_prompt"), num_inference_steps=steps,
             guidance_scale=value("guidance_scale"), width=width, height=height,
             seeds=tuple((seed + offset) % (MAX_SEED + 1) for offset in range(num_images)),
-            scheduler=values.get("scheduler"), image=image, mask_image=mask_image, strength=strength,
+            scheduler=values.get("scheduler"), timeout_seconds=value("timeout_seconds"),
+            preview_every=values.get("preview_every", 0), image=image, mask_image=mask_image, strength=strength,
         )
-        return ClientRequest(generation, output_format)
+        return ClientRequest(generation, output_format, stream)
 
     def _check_names(self, body: Mapping[str, Any]) -> None:
         unknown = [name for name in body if name not in self.declared]

@@ -68,17 +68,23 @@ def encode_images(images: np.ndarray, output_format: str, seeds: list[int], para
         np.save(buffer, single, allow_pickle=False)
         body = buffer.getvalue()
     elif output_format == "json":
-        body = json.dumps({
-            "images": [base64.b64encode(image_file(image, "png", parameters, seed)).decode("ascii")
-                       for image, seed in zip(images, seeds)],
-            "seeds": seeds,
-            **({"nsfw": nsfw} if nsfw is not None else {}),
-            "parameters": parameters,
-            "timings_ms": timings_ms,
-        }).encode()
+        body = json.dumps(result_document(images, "png", seeds, parameters, timings_ms, nsfw)).encode()
     else:
         body = image_file(images[0], output_format, parameters, seeds[0])
     return body
+
+
+def result_document(images: np.ndarray, image_format: str, seeds: list[int], parameters: dict,
+                    timings_ms: dict[str, float], nsfw: Optional[list[bool]] = None) -> dict:
+    """The ``json`` format's document (also a stream's result event): base64 files, seeds, parameters."""
+    return {
+        "images": [base64.b64encode(image_file(image, image_format, parameters, seed)).decode("ascii")
+                   for image, seed in zip(images, seeds)],
+        "seeds": seeds,
+        **({"nsfw": nsfw} if nsfw is not None else {}),
+        "parameters": parameters,
+        "timings_ms": timings_ms,
+    }
 
 
 def image_file(image: np.ndarray, output_format: str, parameters: dict, seed: int) -> bytes:

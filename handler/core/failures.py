@@ -22,10 +22,12 @@ UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"  # a Content-Type the service 
 NOT_ACCEPTABLE = "not_acceptable"          # an Accept header that allows none of the output formats
 NOT_IMPLEMENTED = "not_implemented"        # a route the service does not offer (explanations)
 OUT_OF_MEMORY = "out_of_memory"            # the device ran out of memory for this generation
+TIMEOUT = "timeout"                        # the generation ran past its timeout_seconds and was stopped
 INTERNAL_ERROR = "internal_error"          # a server-side bug; the log has the details
 
 REASONS = (INVALID_FIELD, UNKNOWN_FIELD, MISSING_PROMPT, INVALID_BODY, INVALID_JSON, INVALID_IMAGE, IMAGE_TOO_LARGE,
-           UNSUPPORTED_TASK, UNSUPPORTED_MEDIA_TYPE, NOT_ACCEPTABLE, NOT_IMPLEMENTED, OUT_OF_MEMORY, INTERNAL_ERROR)
+           UNSUPPORTED_TASK, UNSUPPORTED_MEDIA_TYPE, NOT_ACCEPTABLE, NOT_IMPLEMENTED, OUT_OF_MEMORY, TIMEOUT,
+           INTERNAL_ERROR)
 MAX_SHOWN = 80
 
 

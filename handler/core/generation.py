@@ -17,7 +17,9 @@ import torch
 
 from handler.core.capabilities import IMAGE_TO_IMAGE, INPAINTING, TEXT_TO_IMAGE
 from handler.core.contract import GenerationRequest
-from handler.core.failures import INTERNAL_ERROR, OUT_OF_MEMORY, Rejection
+from handler.core.failures import INTERNAL_ERROR, OUT_OF_MEMORY, TIMEOUT, Rejection
+from handler.core.previews import LatentPreviewer
+from handler.core.progress import DeadlineExceeded, Progress, StepWatcher, Watched
 from handler.core.schedulers import SchedulerFactory, scheduler_name_of
 
 logger = logging.getLogger(__name__)
@@ -84,6 +86,7 @@ class GenerationEngine:
         self.on_call = on_call
         self._schedulers = SchedulerFactory(pipeline.scheduler)
         self._default_scheduler = scheduler_name_of(pipeline.scheduler)
+        self._previewer = None  # fitted on the first request that asks for previews
         self._task_pipelines = {TEXT_TO_IMAGE: _task_pipeline(pipeline, safety_checker)}
         for task, auto_class in ((IMAGE_TO_IMAGE, AutoPipelineForImage2Image),
                                  (INPAINTING, AutoPipelineForInpainting)):
@@ -106,27 +109,41 @@ class GenerationEngine:
         self._call_pipeline([request])
         logger.info("warm-up generation took %.2f s", time.perf_counter() - started)
 
-    def generate(self, items: list) -> list:
-        """Map each GenerationRequest to a GenerationResult or Rejection; pass anything else through."""
+    def generate(self, items: list, on_progress: Optional[Callable[[int, Progress], None]] = None,
+                 received: Optional[float] = None) -> list:
+        """Map each GenerationRequest to a GenerationResult or Rejection; pass anything else through.
+
+        ``on_progress(position, progress)`` hears about every denoising step of every request (its index in
+        ``items``); ``received`` (``time.perf_counter()``) is when the worker got the batch, from which
+        ``timeout_seconds`` and the progress times count.
+        """
+        received = time.perf_counter() if received is None else received
         outcomes = list(items)
-        valid = [index for index, item in enumerate(items) if isinstance(item, GenerationRequest)]
-        requests = [items[index] for index in valid]
+        positions = [index for index, item in enumerate(items) if isinstance(item, GenerationRequest)]
+        requests = [items[index] for index in positions]
         for group in plan_groups(requests, self.max_batch_pixels):
-            members = [requests[i] for i in group]
-            for position, outcome in zip(group, self._run_group(members)):
-                outcomes[valid[position]] = outcome
+            batch = [(positions[i], requests[i]) for i in group]
+            for (position, _), outcome in zip(batch, self._run_group(batch, on_progress, received)):
+                outcomes[position] = outcome
         return outcomes
 
-    def _run_group(self, group: list[GenerationRequest]) -> list:
+    def _run_group(self, batch: list[tuple[int, GenerationRequest]], on_progress, received: float) -> list:
+        group = [request for _, request in batch]
         first = group[0]
         started = time.perf_counter()
         try:
-            images, nsfw = self._call_pipeline(group)
+            images, nsfw = self._call_pipeline(group, self._watcher(batch, on_progress, received))
+        except DeadlineExceeded as stopped:
+            logger.info("a generation of %d request(s) ran past timeout_seconds=%g and was %s", len(group),
+                        first.timeout_seconds, stopped)
+            return [Rejection(TIMEOUT, f"the generation ran past timeout_seconds ({first.timeout_seconds:g} s, "
+                              f"counted from when the worker received it) and was {stopped}; allow more time, or "
+                              "ask for fewer steps or a smaller image", field="timeout_seconds")] * len(group)
         except Exception as error:
             if not _is_out_of_memory(error) and len(group) > 1:
                 # One request's input may have broken the shared call: run each alone so only it fails.
                 logger.exception("a group of %d requests failed; running them one by one", len(group))
-                return [outcome for request in group for outcome in self._run_group([request])]
+                return [outcome for member in batch for outcome in self._run_group([member], on_progress, received)]
             return [self._failure(error, group)] * len(group)
         elapsed = time.perf_counter() - started
         if self.on_call is not None:
@@ -155,8 +172,23 @@ class GenerationEngine:
         logger.error("generation failed for %d request(s)", len(group), exc_info=error)
         return Rejection(INTERNAL_ERROR, "generation failed; the server log has the details")
 
-    def _call_pipeline(self, group: list[GenerationRequest]) -> tuple[np.ndarray, Optional[list[bool]]]:
+    def _watcher(self, batch: list[tuple[int, GenerationRequest]], on_progress, received: float) -> StepWatcher:
+        """The step callback of one call: progress for its requests, and their shared deadline."""
+        first = batch[0][1]
+        members, offset = [], 0
+        for position, request in batch:
+            members.append(Watched(position, offset, request.preview_every))
+            offset += request.num_images
+        if any(member.preview_every for member in members) and self._previewer is None:
+            self._previewer = LatentPreviewer(self.pipeline)
+        deadline = received + first.timeout_seconds if first.timeout_seconds is not None else None
+        return StepWatcher(members, received, deadline, (first.width, first.height), on_progress, self._previewer)
+
+    def _call_pipeline(self, group: list[GenerationRequest],
+                       watcher: Optional[StepWatcher] = None) -> tuple[np.ndarray, Optional[list[bool]]]:
         """Run one pipeline call; returns uint8 images and, where the pipeline has a safety checker, its flags."""
+        if watcher is not None and watcher.deadline is not None and time.perf_counter() > watcher.deadline:
+            raise DeadlineExceeded("not started")
         first = group[0]
         task_pipeline = self._task_pipelines[first.task]
         pipeline = task_pipeline.pipeline_class(**{**task_pipeline.arguments,
@@ -179,6 +211,8 @@ class GenerationEngine:
             arguments["mask_image"] = [request.mask_image for request, _ in per_image]
         if task_pipeline.takes_size:
             arguments["height"], arguments["width"] = first.height, first.width
+        if watcher is not None:
+            arguments["callback_on_step_end"] = watcher
         output = pipeline(**arguments)
         nsfw = getattr(output, "nsfw_content_detected", None)
         images = (np.clip(output.images, 0.0, 1.0) * 255).round().astype(np.uint8)

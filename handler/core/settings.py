@@ -41,6 +41,7 @@ class HandlerSettings:
     max_batch_pixels: int = 4 * 768 * 768
     max_prompt_length: int = 2000
     max_input_image_pixels: int = 4096 * 4096
+    max_generation_seconds: float = 300.0
 
     device: str = "auto"
     dtype: str = "auto"
@@ -106,6 +107,8 @@ class HandlerSettings:
         require(0 <= self.default_guidance_scale <= self.max_guidance_scale,
                 f"default_guidance_scale must be 0..max_guidance_scale, got {self.default_guidance_scale}")
         require(0 < self.default_strength <= 1, f"default_strength must be in (0, 1], got {self.default_strength}")
+        require(self.max_generation_seconds > 0,
+                f"max_generation_seconds must be more than 0, got {self.max_generation_seconds}")
         require(self.torch_threads >= 0, f"torch_threads must be 0 (auto) or more, got {self.torch_threads}")
         for name in ("default_width", "default_height"):
             side = getattr(self, name)
