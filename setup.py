@@ -29,6 +29,7 @@ setup(
         "PyYAML",
         "psutil",
         "requests",
+        "tqdm",
     ],
     extras_require={"test": ["pytest", "hypothesis", "hypothesis-jsonschema", "jsonschema"]},
 )

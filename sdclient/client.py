@@ -1,6 +1,7 @@
 """A small client: send a generation request to the served model, save the images, print the seeds.
 
     python -m sdclient "a red fox" -o fox.png --seed 7 --steps 20
+    python -m sdclient "a red fox" --stream --preview previews/   # a progress bar, and the previews
     python -m sdclient --describe     # what the served model accepts (management API)
 
 From Python: ``generate("a red fox", seed=7, num_inference_steps=20)`` returns the images and seeds.
@@ -15,7 +16,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import requests
 from PIL import Image
@@ -68,20 +69,61 @@ def image_to_base64(path: Path) -> str:
 def generate(prompt: str, url: str = DEFAULT_URL, model: str = "stable_diffusion", token: Optional[str] = None,
              timeout: float = 900, **fields) -> GenerationReply:
     """Ask the server for images; ``fields`` are request fields (seed, num_inference_steps, width, ...)."""
+    response = _post(prompt, url, model, token, timeout, {**fields, "output_format": "json"}, stream=False)
+    return reply_of(response.json())
+
+
+def stream(prompt: str, url: str = DEFAULT_URL, model: str = "stable_diffusion", token: Optional[str] = None,
+           timeout: float = 900, **fields) -> Iterator[dict]:
+    """Ask for a streamed generation and yield its events as they arrive: ``progress`` events (``step``,
+    ``total``, ``elapsed_ms``, ``eta_ms``, maybe ``preview``), then one ``result`` or ``error`` event.
+    ``timeout`` bounds the wait for each line, not the whole generation."""
+    with _post(prompt, url, model, token, timeout, {**fields, "stream": True}, stream=True) as response:
+        for line in response.iter_lines():
+            if line:
+                yield json.loads(line)
+
+
+def reply_of(document: dict) -> GenerationReply:
+    """The images, seeds and parameters of a ``json`` response or a stream's ``result`` event."""
+    images = [Image.open(io.BytesIO(base64.b64decode(item))) for item in document["images"]]
+    return GenerationReply(images=images, seeds=document["seeds"], parameters=document["parameters"])
+
+
+def _post(prompt: str, url: str, model: str, token: Optional[str], timeout: float, fields: dict, stream: bool):
     token = token or read_token()
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    body = {"prompt": prompt, **{name: value for name, value in fields.items() if value is not None},
-            "output_format": "json"}
-    response = requests.post(f"{url}/predictions/{model}", json=body, headers=headers, timeout=timeout)
+    body = {"prompt": prompt, **{name: value for name, value in fields.items() if value is not None}}
+    response = requests.post(f"{url}/predictions/{model}", json=body, headers=headers, timeout=timeout, stream=stream)
     if response.status_code != 200:
         try:
             message = response.json()["error"]["message"]
         except (ValueError, KeyError, TypeError):
             message = response.text[:500]
+        response.close()
         raise GenerationFailed(f"HTTP {response.status_code}: {message}")
-    reply = response.json()
-    images = [Image.open(io.BytesIO(base64.b64decode(item))) for item in reply["images"]]
-    return GenerationReply(images=images, seeds=reply["seeds"], parameters=reply["parameters"])
+    return response
+
+
+def follow_stream(events: Iterator[dict], preview_dir: Optional[Path] = None) -> GenerationReply:
+    """Show a stream's progress as a bar (step and ETA), save its previews, and return its result."""
+    from tqdm import tqdm
+
+    with tqdm(unit="step", desc="denoising", file=sys.stderr) as bar:
+        for event in events:
+            if event["event"] == "progress":
+                bar.total = event["total"]
+                bar.update(event["step"] - bar.n)
+                bar.set_postfix(eta=f"{event['eta_ms'] / 1000:.1f}s")
+                if preview_dir is not None and "preview" in event:
+                    preview_dir.mkdir(parents=True, exist_ok=True)
+                    (preview_dir / f"preview-{event['step']:04d}.jpg").write_bytes(base64.b64decode(event["preview"]))
+            elif event["event"] == "result":
+                return reply_of(event)
+            else:
+                error = event["error"]
+                raise GenerationFailed(f"{error['reason']} ({error['code']}): {error['message']}")
+    raise GenerationFailed("the stream ended without a result")
 
 
 def output_paths(output: Path, count: int) -> list[Path]:
@@ -117,6 +159,14 @@ def main(argv=None) -> int:
     parser.add_argument("--image", type=Path, help="input image (PNG, JPEG or WebP) for image-to-image")
     parser.add_argument("--mask", type=Path, help="mask for inpainting (white = repaint); needs --image")
     parser.add_argument("--strength", type=float, help="how much to change --image, 0 < strength <= 1")
+    parser.add_argument("--timeout", dest="timeout_seconds", type=float,
+                        help="ask the server to stop the generation after this many seconds")
+    parser.add_argument("--stream", action="store_true", help="show a progress bar with the step and ETA while "
+                                                              "the server generates")
+    parser.add_argument("--preview", type=Path, metavar="DIR",
+                        help="with --stream: save the server's previews in DIR as preview-STEP.jpg")
+    parser.add_argument("--preview-every", type=int, default=5, help="with --preview: a preview every N steps "
+                                                                      "(default: %(default)s)")
     arguments = parser.parse_args(argv)
     if arguments.describe:
         try:
@@ -129,17 +179,24 @@ def main(argv=None) -> int:
         return 0
     if arguments.prompt is None:
         parser.error("a prompt is required (or --describe)")
+    if arguments.preview and not arguments.stream:
+        parser.error("--preview goes with --stream")
     fields = {name: getattr(arguments, name) for name in (
         "seed", "num_inference_steps", "guidance_scale", "width", "height", "negative_prompt", "scheduler",
-        "num_images", "strength")}
+        "num_images", "strength", "timeout_seconds")}
     if arguments.image:
         fields["image"] = image_to_base64(arguments.image)
     if arguments.mask:
         fields["mask_image"] = image_to_base64(arguments.mask)
-    print(f"sdclient: generating at {arguments.url} (the server answers when the images are done)", file=sys.stderr)
+    target = dict(url=arguments.url, model=arguments.model, token=read_token(arguments.token_file))
     try:
-        reply = generate(arguments.prompt, url=arguments.url, model=arguments.model,
-                         token=read_token(arguments.token_file), **fields)
+        if arguments.stream:
+            fields["preview_every"] = arguments.preview_every if arguments.preview else None
+            reply = follow_stream(stream(arguments.prompt, **target, **fields), arguments.preview)
+        else:
+            print(f"sdclient: generating at {arguments.url} (the server answers when the images are done; "
+                  "--stream shows progress)", file=sys.stderr)
+            reply = generate(arguments.prompt, **target, **fields)
     except (GenerationFailed, requests.RequestException) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
