@@ -10,17 +10,12 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import run_build_mar
+from helpers import (
+    MODEL, SMALL, error_of, log_offset, log_since, npy, png_base64, predict, run_build_mar, scale, start_server,
+    stop_server,
+)
 
 pytestmark = pytest.mark.serving
-
-SMALL = {"num_inference_steps": 2, "width": 64, "height": 64}
-
-
-def predict(server, timeout=300, **kwargs):
-    headers = {**server.inference_headers(), **kwargs.pop("headers", {})}
-    return requests.post(f"{server.inference_url}/predictions/stable_diffusion", headers=headers, timeout=timeout,
-                         **kwargs)
 
 
 def test_requests_without_the_token_are_rejected(torchserve):
@@ -42,7 +37,7 @@ def test_upstream_client_gets_a_768_image_at_the_defaults(torchserve):
 
 
 def test_json_and_form_bodies_work(torchserve):
-    from_json = predict(torchserve, json={"prompt": "a cat", "seed": 5, **SMALL})
+    from_json = predict(torchserve, {"prompt": "a cat", "seed": 5, **SMALL})
     from_form = predict(torchserve, data={"prompt": "a cat", "seed": "5", **{k: str(v) for k, v in SMALL.items()}})
     assert from_json.status_code == 200 and from_form.status_code == 200, (from_json.text[:200], from_form.text[:200])
     assert from_json.headers["X-Seeds"] == from_form.headers["X-Seeds"] == "5"
@@ -50,7 +45,7 @@ def test_json_and_form_bodies_work(torchserve):
 
 
 def test_accept_png_returns_a_png_with_its_parameters(torchserve):
-    r = predict(torchserve, json={"prompt": "a lighthouse", "seed": 3, **SMALL}, headers={"Accept": "image/png"})
+    r = predict(torchserve, {"prompt": "a lighthouse", "seed": 3, **SMALL}, headers={"Accept": "image/png"})
     assert r.status_code == 200 and r.headers["Content-Type"] == "image/png"
     image = Image.open(io.BytesIO(r.content))
     assert image.format == "PNG" and image.size == (64, 64)
@@ -65,59 +60,62 @@ def test_accept_png_returns_a_png_with_its_parameters(torchserve):
     (b"{not json", {"Content-Type": "application/json"}, "not valid JSON"),
 ])
 def test_bad_bodies_get_a_4xx_and_the_worker_keeps_serving(torchserve, body, headers, expected):
-    pids_before = torchserve.worker_pids("stable_diffusion")
+    pids_before = torchserve.worker_pids(MODEL)
     r = predict(torchserve, data=body, headers=headers)
     assert 400 <= r.status_code < 500
-    assert expected in r.json()["error"]["message"]
-    ok = predict(torchserve, json={"prompt": "a cat", **SMALL})
+    assert expected in error_of(r)["message"]
+    ok = predict(torchserve, {"prompt": "a cat", **SMALL})
     assert ok.status_code == 200
-    assert torchserve.worker_pids("stable_diffusion") == pids_before
+    assert torchserve.worker_pids(MODEL) == pids_before
 
 
 def test_scaling_to_two_workers_gives_two_serving_workers(torchserve):
-    url = f"{torchserve.management_url}/models/stable_diffusion?min_worker=2&synchronous=true"
-    r = requests.put(url, headers=torchserve.management_headers(), timeout=300)
-    assert r.status_code == 200, r.text
-    assert torchserve.ready_workers("stable_diffusion") == 2
-    served_by = set()
-    with ThreadPoolExecutor(4) as pool:
-        for _ in range(5):
-            replies = list(pool.map(lambda seed: predict(torchserve, json={"prompt": "a cat", "seed": seed, **SMALL}),
-                                    range(4)))
-            assert all(reply.status_code == 200 for reply in replies)
-            served_by = workers_that_generated(torchserve)
-            if len(served_by) == 2:
-                break
-    assert len(served_by) == 2, served_by
+    before = torchserve.describe(MODEL)
+    offset = log_offset(torchserve)
+    scale(torchserve, 2, 2)
+    try:
+        assert torchserve.ready_workers(MODEL) == 2
+        pids = set(torchserve.worker_pids(MODEL))
+        served_by = set()
+        with ThreadPoolExecutor(4) as pool:
+            for _ in range(5):  # TorchServe picks the worker: send rounds until both have generated
+                replies = list(pool.map(lambda seed: predict(torchserve, {"prompt": "a cat", "seed": seed, **SMALL}),
+                                        range(4)))
+                assert all(reply.status_code == 200 for reply in replies)
+                served_by = pids_that_generated(log_since(torchserve, offset))
+                if served_by == pids:
+                    break
+        assert served_by == pids, (served_by, pids)
+    finally:  # the session's server goes back to the shipped worker range, one worker
+        scale(torchserve, before["minWorkers"], before["minWorkers"])
+        scale(torchserve, before["minWorkers"], before["maxWorkers"])
+    after = torchserve.describe(MODEL)
+    assert (after["minWorkers"], after["maxWorkers"]) == (before["minWorkers"], before["maxWorkers"])
+    assert torchserve.ready_workers(MODEL) == len(before["workers"])
 
 
-def workers_that_generated(server) -> set[str]:
-    log = (server.folder / "logs" / "model_log.log").read_text()
-    return set(re.findall(r"(W-\d+)-stable_diffusion[^\n]*generated", log))
+def pids_that_generated(log: str) -> set[int]:
+    return {int(pid) for pid in re.findall(r"worker (\d+) generated [1-9]\d* image", log)}
 
 
 def test_no_archive_build_from_a_model_dir_serves_the_same_image(torchserve, tiny_mar, tmp_path):
-    from harness.local_server import LocalTorchServe
-
     source = tiny_mar.parent.parent / "scratch" / "tiny-sd1"
     store = tmp_path / "store"
     run_build_mar("--model-dir", source, "--archive-format", "no-archive", "--export-path", store,
                   "--work-dir", tmp_path / "scratch")
-    folder = store / "stable_diffusion"
+    folder = store / MODEL
     weights = folder / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"
     assert (folder / "MAR-INF" / "MANIFEST.json").is_file()
     assert weights.stat().st_mode & 0o777 == 0o644
-    server = LocalTorchServe(tmp_path / "server", store, {"stable_diffusion": "stable_diffusion"})
-    server.start()
+    server = start_server(tmp_path / "server", folder)
     try:
         body = {"prompt": "a cat", "seed": 21, **SMALL}
-        from_folder = predict(server, json=body)
-        from_mar = predict(torchserve, json=body)
+        from_folder = predict(server, body)
+        from_mar = predict(torchserve, body)
         assert from_folder.status_code == from_mar.status_code == 200
         assert np.array_equal(np.array(from_folder.json()), np.array(from_mar.json()))
     finally:
-        server.stop()
-    assert not server.processes()
+        stop_server(server)
 
 
 def test_the_client_saves_images_and_prints_seeds(torchserve, tmp_path, capsys):
@@ -139,30 +137,25 @@ def test_the_client_saves_images_and_prints_seeds(torchserve, tmp_path, capsys):
 def test_image_to_image_and_inpainting_through_the_server(torchserve):
     import base64
 
-    def png(array):
-        buffer = io.BytesIO()
-        Image.fromarray(array).save(buffer, format="PNG")
-        return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
     source = np.full((72, 80, 3), 180, dtype=np.uint8)
     mask = np.zeros((72, 80), dtype=np.uint8)
     mask[20:50, 20:60] = 255
-    edited = predict(torchserve, json={"prompt": "a cat", "image": png(source), "strength": 0.5,
-                                       "num_inference_steps": 4, "output_format": "npy"})
-    inpainted = predict(torchserve, json={"prompt": "a cat", "image": png(source), "mask_image": png(mask),
-                                          "num_inference_steps": 4, "output_format": "npy"})
-    assert edited.status_code == inpainted.status_code == 200, (edited.text[:200], inpainted.text[:200])
-    assert np.load(io.BytesIO(edited.content)).shape == (72, 80, 3)
-    assert np.load(io.BytesIO(inpainted.content)).shape == (72, 80, 3)
+    edited = predict(torchserve, {"prompt": "a cat", "image": png_base64(source, data_url=True), "strength": 0.5,
+                                  "num_inference_steps": 4, "output_format": "npy"})
+    inpainted = predict(torchserve, {"prompt": "a cat", "image": png_base64(source, data_url=True),
+                                     "mask_image": png_base64(mask, data_url=True), "num_inference_steps": 4,
+                                     "output_format": "npy"})
+    assert npy(edited).shape == (72, 80, 3)
+    assert npy(inpainted).shape == (72, 80, 3)
     bomb = io.BytesIO()
     Image.new("1", (20000, 20000)).save(bomb, format="PNG")
-    refused = predict(torchserve, json={"prompt": "a cat", "image": base64.b64encode(bomb.getvalue()).decode()})
-    assert refused.status_code == 413 and "pixels" in refused.json()["error"]["message"]
+    refused = predict(torchserve, {"prompt": "a cat", "image": base64.b64encode(bomb.getvalue()).decode()})
+    assert refused.status_code == 413 and "pixels" in error_of(refused)["message"]
 
 
 def test_custom_metrics_reach_prometheus(torchserve):
-    assert predict(torchserve, json={"prompt": "a cat", **SMALL}).status_code == 200
-    assert predict(torchserve, json={"prompt": "a cat", "width": 65}).status_code == 400
+    assert predict(torchserve, {"prompt": "a cat", **SMALL}).status_code == 200
+    assert predict(torchserve, {"prompt": "a cat", "width": 65}).status_code == 400
     text = requests.get(f"{torchserve.metrics_url}/metrics", timeout=30).text
 
     def value(name, *labels):
