@@ -5,57 +5,53 @@ import json
 import os
 import signal
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-import yaml
 
-from conftest import REPO_ROOT, run_build_mar
-from harness.local_server import LocalTorchServe
+from helpers import (
+    GENERATING, MODEL, SMALL, build_tiny_mar, error_of, log_offset, model_log, predict, start_server, stop_server,
+    wait_for_log, wait_for_workers,
+)
 
 pytestmark = pytest.mark.serving
-
-SMALL = {"num_inference_steps": 2, "width": 64, "height": 64}
+# Long enough (minutes on a CPU) to be still running whenever a test acts on it once its generation has started.
+SLOW = {"prompt": "a slow cat", "num_inference_steps": 150, "width": 768, "height": 768}
 
 
 @pytest.fixture(scope="module")
-def two_workers(tmp_path_factory):
-    work = tmp_path_factory.mktemp("faults")
-    config = yaml.safe_load((REPO_ROOT / "model-config.yaml").read_text())
-    config.update(minWorkers=2, maxWorkers=2)
-    (work / "model-config.yaml").write_text(yaml.safe_dump(config))
-    run_build_mar("--tiny", "--config-file", work / "model-config.yaml", "--export-path", work / "store",
-                  "--work-dir", work / "scratch")
-    server = LocalTorchServe(work / "server", work / "store", {"stable_diffusion": "stable_diffusion.mar"})
-    server.start()
+def faults_mar(tmp_path_factory):
+    """The tiny .mar with two workers per model (they start together and share one model directory)."""
+    return build_tiny_mar(tmp_path_factory.mktemp("faults"), {"minWorkers": 2, "maxWorkers": 2}, {"warmup": False})
+
+
+@pytest.fixture(scope="module")
+def started_two_workers(faults_mar, tmp_path_factory):
+    """(server, its worker log as it was once both workers were READY): later tests restart workers."""
+    server = start_server(tmp_path_factory.mktemp("faults-server"), faults_mar, workers=2)
+    try:
+        yield server, model_log(server)
+    finally:
+        stop_server(server)
+
+
+@pytest.fixture
+def two_workers(started_two_workers):
+    """The two-worker server, with both workers READY (a test that kills one waits for its replacement)."""
+    server, _ = started_two_workers
     wait_for_workers(server, 2)
-    yield server
-    server.stop()
-    assert not server.processes()
+    return server
 
 
-def wait_for_workers(server, count, timeout=120):
-    deadline = time.monotonic() + timeout
-    while server.ready_workers("stable_diffusion") < count:
-        assert time.monotonic() < deadline, f"fewer than {count} READY workers after {timeout} s"
-        time.sleep(0.5)
+def post(server, data: bytes, content_type: str = "application/json", timeout: float = 120):
+    return predict(server, data=data, headers={"Content-Type": content_type}, timeout=timeout)
 
 
-def post(server, data, content_type="application/json", timeout=120):
-    return requests.post(f"{server.inference_url}/predictions/stable_diffusion", data=data, timeout=timeout,
-                         headers={**server.inference_headers(), "Content-Type": content_type})
-
-
-def model_log(server) -> str:
-    return (server.folder / "logs" / "model_log.log").read_text()
-
-
-def test_two_workers_starting_together_unpack_the_zip_once(two_workers):
-    log = model_log(two_workers)
-    assert log.count("unpacked pipeline.zip into") == 1
-    assert log.count("unpacked by another worker") == 1
+def test_two_workers_starting_together_unpack_the_zip_once(started_two_workers):
+    _, startup_log = started_two_workers
+    assert startup_log.count("unpacked pipeline.zip into") == 1
+    assert startup_log.count("unpacked by another worker") == 1
 
 
 def malformed_bodies() -> list[tuple[bytes, str]]:
@@ -104,7 +100,7 @@ def malformed_bodies() -> list[tuple[bytes, str]]:
 
 
 def test_hundreds_of_malformed_requests_each_get_a_4xx_and_no_worker_restarts(two_workers):
-    pids = sorted(two_workers.worker_pids("stable_diffusion"))
+    pids = sorted(two_workers.worker_pids(MODEL))
     bodies = malformed_bodies()
     assert len(bodies) >= 200
     with ThreadPoolExecutor(4) as pool:
@@ -112,47 +108,55 @@ def test_hundreds_of_malformed_requests_each_get_a_4xx_and_no_worker_restarts(tw
     statuses = [reply.status_code for reply in replies]
     unexpected = [(body[0][:80], status) for body, status in zip(bodies, statuses) if not 400 <= status < 500]
     assert not unexpected
-    assert all(reply.json()["error"]["message"] for reply in replies)
-    assert sorted(two_workers.worker_pids("stable_diffusion")) == pids
-    assert post(two_workers, json.dumps({"prompt": "a cat", **SMALL})).status_code == 200
+    for reply in replies:
+        error_of(reply)
+    assert sorted(two_workers.worker_pids(MODEL)) == pids
+    assert post(two_workers, json.dumps({"prompt": "a cat", **SMALL}).encode()).status_code == 200
 
 
-def test_a_killed_worker_fails_its_request_and_is_replaced(two_workers):
-    pids = two_workers.worker_pids("stable_diffusion")
-    # 768x768 at 50 steps takes about 20 s here: still running when the workers are killed 3 s in.
-    body = json.dumps({"prompt": "a slow cat", "num_inference_steps": 50, "width": 768, "height": 768})
-    replies = []
-    client = threading.Thread(target=lambda: replies.append(post(two_workers, body, timeout=120)))
-    client.start()
-    time.sleep(3)
-    for pid in pids:
-        os.kill(pid, signal.SIGKILL)
-    client.join(timeout=120)
-    assert not client.is_alive(), "the client hung after its worker was killed"
-    assert replies and replies[0].status_code >= 500
-    wait_for_workers(two_workers, 2)
-    assert set(two_workers.worker_pids("stable_diffusion")).isdisjoint(pids)
-    assert post(two_workers, json.dumps({"prompt": "a cat", **SMALL})).status_code == 200
-
-
-def test_stop_with_requests_in_flight_leaves_no_process(two_workers):
-    processes = two_workers.processes()
-    body = json.dumps({"prompt": "a busy cat", "num_inference_steps": 40, "width": 512, "height": 512})
-    outcomes = []
-
+def send_in_background(server, body: dict, outcomes: list) -> threading.Thread:
+    """POST ``body`` from a thread; its status (or the name of the client error) goes to ``outcomes``."""
     def send():
         try:
-            outcomes.append(post(two_workers, body, timeout=120).status_code)
+            outcomes.append(predict(server, body, timeout=600).status_code)
         except requests.RequestException as error:
             outcomes.append(type(error).__name__)
 
-    clients = [threading.Thread(target=send) for _ in range(3)]
-    for client in clients:
-        client.start()
-    time.sleep(2)
-    two_workers.stop()
+    client = threading.Thread(target=send)
+    client.start()
+    return client
+
+
+def test_a_killed_worker_fails_its_request_and_is_replaced(two_workers):
+    pids = two_workers.worker_pids(MODEL)
+    offset = log_offset(two_workers)
+    outcomes = []
+    client = send_in_background(two_workers, SLOW, outcomes)
+    busy = int(wait_for_log(two_workers, GENERATING, offset).group(1))
+    assert busy in pids
+    os.kill(busy, signal.SIGKILL)
+    client.join(timeout=120)
+    assert not client.is_alive(), "the client hung after its worker was killed"
+    assert len(outcomes) == 1 and isinstance(outcomes[0], int) and outcomes[0] >= 500, outcomes
+    wait_for_workers(two_workers, 2)
+    replaced = two_workers.worker_pids(MODEL)
+    assert busy not in replaced and set(pids) - {busy} <= set(replaced)
+    assert post(two_workers, json.dumps({"prompt": "a cat", **SMALL}).encode()).status_code == 200
+
+
+def test_stop_with_requests_in_flight_leaves_no_process(faults_mar, tmp_path):
+    server = start_server(tmp_path / "server", faults_mar, workers=2)  # its own: this test stops it
+    outcomes, clients = [], []
+    try:
+        processes = server.processes()
+        assert len(processes) >= 3  # the frontend and two workers
+        offset = log_offset(server)
+        clients = [send_in_background(server, SLOW, outcomes) for _ in range(3)]
+        wait_for_log(server, GENERATING, offset)
+    finally:
+        server.stop()
     for client in clients:
         client.join(timeout=120)
     assert not any(client.is_alive() for client in clients), "a client hung after the server stopped"
-    assert len(outcomes) == 3
+    assert len(outcomes) == 3 and 200 not in outcomes, outcomes
     assert not [process for process in processes if process.is_running() and process.status() != "zombie"]
