@@ -190,14 +190,21 @@ def build_tiny_mar(work: Path, worker_settings: Optional[dict] = None, handler_s
                    family: str = "sd1") -> Path:
     """``work/store/stable_diffusion.mar`` built by build_mar.sh --tiny from the shipped model-config.yaml with
     ``worker_settings`` (minWorkers, batchSize, ...) and ``handler_settings`` (its handler: section) changed."""
+    config = write_model_config(work / "model-config.yaml", worker_settings, handler_settings)
+    run_build_mar("--tiny", "--family", family, "--config-file", config, "--export-path", work / "store",
+                  "--work-dir", work / "scratch")
+    return work / "store" / f"{MODEL}.mar"
+
+
+def write_model_config(path: Path, worker_settings: Optional[dict] = None,
+                       handler_settings: Optional[dict] = None) -> Path:
+    """The shipped model-config.yaml with some worker settings and handler: settings changed, at ``path``."""
     config = shipped_model_config()
     config.update(worker_settings or {})
     config["handler"] = {**(config.get("handler") or {}), **(handler_settings or {})}
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "model-config.yaml").write_text(yaml.safe_dump(config))
-    run_build_mar("--tiny", "--family", family, "--config-file", work / "model-config.yaml",
-                  "--export-path", work / "store", "--work-dir", work / "scratch")
-    return work / "store" / f"{MODEL}.mar"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 def start_server(folder: Path, mar: Path, workers: int = 1, timeout: float = 300):

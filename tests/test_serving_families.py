@@ -4,21 +4,22 @@ Each family is archived twice, by ``build_mar.sh --tiny --family F`` and by ``--
 build made (as a no-archive folder), and both must serve the same image.
 """
 
-import base64
-import io
+import json
 
 import numpy as np
 import pytest
 import requests
-from PIL import Image
 
-from conftest import run_build_mar
-from harness.local_server import LocalTorchServe
 from builder.families import FAMILIES
+from harness.local_server import LocalTorchServe
+from helpers import (
+    SMALL, capabilities_of_family, error_of, json_images, management, npy, png_base64, predict, run_build_mar,
+    shipped_settings, solid, stop_server, write_model_config,
+)
 
 pytestmark = pytest.mark.serving
 
-SMALL = {"prompt": "a cat", "seed": 1, "num_inference_steps": 2, "width": 64, "height": 64}
+BODY = {"prompt": "a cat", "seed": 1, **SMALL}
 
 
 def model_name(family: str) -> str:
@@ -29,54 +30,65 @@ def model_name(family: str) -> str:
 def family_server(tmp_path_factory):
     work = tmp_path_factory.mktemp("families")
     store = work / "store"
+    # Twelve workers on a few cores: no warm-up generation, or start-up takes minutes.
+    config = write_model_config(work / "model-config.yaml", handler_settings={"warmup": False})
     models = {}
     for family in FAMILIES:
         name = model_name(family)
-        run_build_mar("--tiny", "--family", family, "--name", name, "--export-path", store, "--work-dir", work)
+        run_build_mar("--tiny", "--family", family, "--name", name, "--config-file", config, "--export-path", store,
+                      "--work-dir", work)
         run_build_mar("--model-dir", work / f"tiny-{family}", "--name", f"{name}_dir", "--archive-format",
-                      "no-archive", "--export-path", store, "--work-dir", work / "scratch")
+                      "no-archive", "--config-file", config, "--export-path", store, "--work-dir", work / "scratch")
         models[name] = f"{name}.mar"
         models[f"{name}_dir"] = f"{name}_dir"
     server = LocalTorchServe(work / "server", store, models)
     server.start(timeout=600)
-    yield server
-    server.stop()
-    assert not server.processes()
+    try:
+        yield server
+    finally:
+        stop_server(server)
 
 
 def post(server, model, body, **headers):
-    return requests.post(f"{server.inference_url}/predictions/{model}", json=body, timeout=300,
-                         headers={**server.inference_headers(), **headers})
-
-
-def npy(response) -> np.ndarray:
-    assert response.status_code == 200, response.text[:300]
-    return np.load(io.BytesIO(response.content))
-
-
-def png(array) -> str:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
+    return predict(server, body, model=model, headers=headers)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_each_family_serves_the_same_image_from_both_builds(family_server, family):
     name = model_name(family)
-    tiny = npy(post(family_server, name, {**SMALL, "output_format": "npy"}))
-    from_folder = npy(post(family_server, f"{name}_dir", {**SMALL, "output_format": "npy"}))
+    tiny = npy(post(family_server, name, {**BODY, "output_format": "npy"}))
+    from_folder = npy(post(family_server, f"{name}_dir", {**BODY, "output_format": "npy"}))
     assert tiny.shape == (64, 64, 3)
     assert np.array_equal(tiny, from_folder)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_describes_its_own_contract(family_server, family):
+    """The describe API of each served family shows what its loaded pipeline reports, and the schema of the
+    contract built from builder/families.py's facts for that family."""
+    from handler.core.contract import Contract
+
+    expected = capabilities_of_family(family)
+    for name in (model_name(family), f"{model_name(family)}_dir"):
+        response = management(family_server, "GET", f"/models/{name}?customized=true")
+        assert response.status_code == 200, response.text[:300]
+        metadata = response.json()[0]["customizedMetadata"]
+        capabilities = metadata["capabilities"]
+        assert capabilities["pipeline_class"] == expected.pipeline_class
+        assert capabilities["size_multiple"] == expected.size_multiple
+        assert capabilities["schedulers"] == list(expected.schedulers)
+        assert capabilities["negative_prompt"] == expected.negative_prompt
+        assert capabilities["tasks"] == list(expected.tasks)
+        assert metadata["request_schema"] == json.loads(json.dumps(Contract(shipped_settings(), expected).json_schema()))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_each_family_runs_image_to_image_and_inpainting(family_server, family):
-    source = np.full((64, 64, 3), 150, dtype=np.uint8)
     mask = np.zeros((64, 64), dtype=np.uint8)
     mask[16:48, 16:48] = 255
-    base = {**SMALL, "image": png(source), "output_format": "npy"}
+    base = {**BODY, "image": png_base64(solid(64, 64, 150)), "output_format": "npy"}
     assert npy(post(family_server, model_name(family), {**base, "strength": 0.9})).shape == (64, 64, 3)
-    assert npy(post(family_server, model_name(family), {**base, "mask_image": png(mask)})).shape == (64, 64, 3)
+    assert npy(post(family_server, model_name(family), {**base, "mask_image": png_base64(mask)})).shape == (64, 64, 3)
 
 
 @pytest.mark.parametrize("family, body, field, fragment", [
@@ -88,9 +100,9 @@ def test_each_family_runs_image_to_image_and_inpainting(family_server, family):
     ("sdxl", {"scheduler": "flow_match_euler"}, "scheduler", "euler_a"),
 ])
 def test_family_specific_errors(family_server, family, body, field, fragment):
-    response = post(family_server, model_name(family), {**SMALL, **body})
+    response = post(family_server, model_name(family), {**BODY, **body})
     assert response.status_code == 400
-    error = response.json()["error"]
+    error = error_of(response)
     assert error["field"] == field and fragment in error["message"]
 
 
@@ -101,17 +113,17 @@ def test_family_specific_errors(family_server, family, body, field, fragment):
     ("sd2-v", {"width": 72, "scheduler": "dpmpp_2m"}),
 ])
 def test_family_specific_fields_that_work(family_server, family, body):
-    image = npy(post(family_server, model_name(family), {**SMALL, **body, "output_format": "npy"}))
+    image = npy(post(family_server, model_name(family), {**BODY, **body, "output_format": "npy"}))
     assert image.shape == (64, body["width"], 3)
 
 
 def test_safety_checker_flags_are_reported_and_counted(family_server):
-    response = post(family_server, "sd1_safety", {**SMALL, "num_images": 2, "output_format": "json"})
+    response = post(family_server, "sd1_safety", {**BODY, "num_images": 2, "output_format": "json"})
     assert response.status_code == 200
     assert response.headers["X-NSFW"] == "true,true" and response.json()["nsfw"] == [True, True]
-    image = np.array(Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0]))))
+    image = json_images(response.json())[0]
     assert image.max() == 0  # the pipeline blacks out flagged images
-    assert "X-NSFW" not in post(family_server, "sd1", SMALL).headers
+    assert "X-NSFW" not in post(family_server, "sd1", BODY).headers
     metrics = requests.get(f"{family_server.metrics_url}/metrics", timeout=30).text
     assert any(line.startswith("NSFWFlaggedImages") and 'ModelName="sd1_safety"' in line
                and float(line.rsplit(" ", 1)[1]) >= 2 for line in metrics.splitlines())
