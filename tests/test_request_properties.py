@@ -20,7 +20,9 @@ from hypothesis import HealthCheck, event, example, given, settings, strategies 
 from PIL import Image
 
 from handler import wire
-from handler.core.contract import FIELD_NAMES, MAX_SEED, ClientRequest, Contract
+from handler.core.contract import (
+    FIELD_NAMES, MAX_SEED, Boolean, Choice, ClientRequest, Contract, Integer, Number, Text,
+)
 from handler.core.encoding import OUTPUT_FORMATS, SINGLE_IMAGE_FORMATS
 from handler.core.failures import Rejection
 from handler.core.schedulers import SCHEDULERS  # every name, valid or not for a family
@@ -92,6 +94,9 @@ VALID = {
     "image": st.sampled_from(VALID_IMAGE_VALUES),
     "mask_image": st.sampled_from(VALID_IMAGE_VALUES),
     "strength": st.floats(0, 1, exclude_min=True) | st.just(1),
+    "stream": st.booleans(),
+    "preview_every": st.integers(1, 150),
+    "timeout_seconds": st.floats(0, 300, exclude_min=True) | st.just(1),
 }
 EDGES = {
     "prompt": st.sampled_from(["", " ", "\u3000", "a\x00b", "x" * 2001, "x" * 100_000, "\ud800"]),
@@ -107,8 +112,31 @@ EDGES = {
     "image": st.sampled_from(BAD_IMAGE_VALUES),
     "mask_image": st.sampled_from(BAD_IMAGE_VALUES),
     "strength": st.sampled_from([0, 1.01, -0.5, 1e-9]),
+    "stream": st.sampled_from([0, 1, "true", "yes", None]),
+    "preview_every": st.sampled_from([0, -1, 151, 2.5]),
+    "timeout_seconds": st.sampled_from([0, -1, 301, 1e-300, "10"]),
 }
-field_values = {name: weighted((4, VALID[name]), (1, EDGES[name]), (1, json_values)) for name in FIELD_NAMES}
+
+
+def declared_values(spec) -> st.SearchStrategy:
+    """Values of a field's declared type, for a field added to FIELDS after these strategies were written."""
+    kind = spec.type
+    if isinstance(kind, Choice):
+        return st.sampled_from(list(kind.choices))
+    if isinstance(kind, Boolean):
+        return st.booleans()
+    if isinstance(kind, Integer):
+        return st.integers(kind.minimum, kind.maximum).filter(lambda number: number % kind.multiple_of == 0)
+    if isinstance(kind, Number):
+        return st.floats(kind.minimum, kind.maximum, exclude_min=kind.exclusive_minimum)
+    if isinstance(kind, Text):
+        return st.text(min_size=1, max_size=40)
+    return json_values
+
+
+DECLARED = CONTRACTS["sd1"].declared
+field_values = {name: weighted((4, VALID.get(name, declared_values(DECLARED[name]))),
+                               (1, EDGES.get(name, json_values)), (1, json_values)) for name in FIELD_NAMES}
 optional_fields = {name: strategy for name, strategy in field_values.items() if name != "prompt"}
 unknown_names = st.text(max_size=12).filter(lambda key: key not in FIELD_NAMES) | st.just("k" * 50_000)
 unknown_fields = st.dictionaries(unknown_names, json_values, max_size=1) | st.just(
@@ -143,7 +171,7 @@ byte_bodies = st.one_of(
 CONTENT_TYPES = ["application/json", "application/json; charset=utf-8", "text/plain", "TEXT/PLAIN;charset=utf-8",
                  "application/vnd.api+json", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
                  "image/png", "application/octet-stream", "", ";", "x" * 100_000]
-ACCEPTS = ["application/json", "image/png", "image/jpeg, image/webp", "application/x-npy", "*/*", "image/*;q=0",
+ACCEPTS = ["application/json", "application/x-ndjson", "image/png;q=0.1, application/x-ndjson;q=0", "image/png", "image/jpeg, image/webp", "application/x-npy", "*/*", "image/*;q=0",
            "image/png;q=0.5, application/json;q=0.9", "text/html", "", "image/png;q=x", "a/" + "b" * 100_000]
 header_names = st.sampled_from(["Content-Type", "content-type", "Accept", "accept", "ACCEPT"]) | st.text(max_size=12)
 header_values = st.sampled_from(CONTENT_TYPES + ACCEPTS) | st.text(max_size=40) | st.binary(max_size=20)
@@ -225,8 +253,12 @@ def check_request(contract: Contract, result: ClientRequest) -> None:
     assert type(request.guidance_scale) is float and 0 <= request.guidance_scale <= settings.max_guidance_scale
     assert request.scheduler is None or request.scheduler in capabilities.schedulers
     assert result.output_format in OUTPUT_FORMATS
-    if result.output_format in SINGLE_IMAGE_FORMATS:
+    if result.stream:  # a stream carries each image as a file
+        assert result.output_format in SINGLE_IMAGE_FORMATS
+    elif result.output_format in SINGLE_IMAGE_FORMATS:
         assert request.num_images == 1
+    assert type(request.preview_every) is int and 0 <= request.preview_every <= settings.max_steps
+    assert type(request.timeout_seconds) is float and 0 < request.timeout_seconds <= settings.max_generation_seconds
     if request.image is None:
         assert request.strength is None and request.mask_image is None
     else:
