@@ -123,13 +123,17 @@ class LocalTorchServe:
         with open(self.folder / "torchserve.out", "ab") as output:
             subprocess.run(command, cwd=self.folder, env=self.environment(), stdout=output, stderr=output, check=True)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.pid = self._read_pid()
-            if self.pid and all(self.ready_workers(name) >= 1 for name in self.models):
-                return
-            if self.pid and not psutil.pid_exists(self.pid):
-                break
-            time.sleep(0.5)
+        try:
+            while time.monotonic() < deadline:
+                self.pid = self._read_pid()
+                if self.pid and all(self.ready_workers(name) >= 1 for name in self.models):
+                    return
+                if self.pid and not psutil.pid_exists(self.pid):
+                    break
+                time.sleep(0.5)
+        except BaseException:  # never leave a started server behind, whatever went wrong while waiting
+            self.stop()
+            raise
         self.stop()
         raise RuntimeError(f"TorchServe did not get READY workers in {timeout:.0f} s; see {self.folder / 'logs'}")
 
@@ -159,7 +163,7 @@ class LocalTorchServe:
         try:
             response = requests.get(f"{self.management_url}/models/{name}", headers=self.management_headers(),
                                     timeout=5)
-        except (requests.RequestException, OSError):
+        except (requests.RequestException, OSError, RuntimeError):  # not up yet, or key_file.json not written yet
             return {}
         return response.json()[0] if response.status_code == 200 else {}
 

@@ -112,7 +112,6 @@ def test_every_schema_valid_body_parses_or_breaks_only_a_cross_field_rule(contra
     @given(body=schema_bodies(contract, values))
     def property(body):
         check.validate(body)  # the composed object is schema-valid by jsonschema's own reading
-        assume(not known_disagreement(body))
         outcome = read_json(contract, with_real_images(body))
         if isinstance(outcome, ClientRequest):
             event(f"parsed {outcome.generation.task}")
@@ -127,11 +126,12 @@ def test_every_schema_valid_body_parses_or_breaks_only_a_cross_field_rule(contra
 # --- Bodies the parser accepts are schema-valid ----------------------------------------------------------------
 
 # Values a lenient parser might let through although the schema forbids them: numbers as text, integers as
-# floats, booleans, containers, out-of-range numbers. (null is left out: see the known disagreements below.)
+# floats, booleans, containers, out-of-range numbers, and null.
 near_misses = st.one_of(
     st.integers(-(2**70), 2**70), st.floats(), st.integers(0, 200).map(float), st.booleans(),
     st.text(max_size=8), st.integers(0, 200).map(str), st.lists(st.integers(), max_size=2),
     st.dictionaries(st.text(max_size=3), st.integers(), max_size=1), st.sampled_from([IMAGE, MASK, "", " "]),
+    st.none(),
 )
 
 
@@ -163,32 +163,12 @@ def test_bodies_the_parser_accepts_validate_against_the_schema(contract):
     property()
 
 
-# Disagreements found while writing these tests, kept visible until the contract settles them. The property
-# above skips exactly these bodies; the tests below are strict, so a fix makes them fail: then delete them and
-# known_disagreement.
-
-def known_disagreement(body: dict) -> bool:
-    prompt = body.get("prompt")
-    texts = [text for text in (prompt, body.get("negative_prompt")) if isinstance(text, str)]
-    return (isinstance(prompt, str) and "\x00" in prompt) or any(_lone_surrogate(text) for text in texts)
-
-
-def _lone_surrogate(text: str) -> bool:
-    return any("\ud800" <= char <= "\udfff" for char in text)
-
-
-def disagreement(body: dict, reason: str):
-    return pytest.param(body, marks=pytest.mark.xfail(strict=True, reason=reason))
-
-
-@pytest.mark.parametrize("body", [
-    disagreement({"prompt": "a cat\x00"}, "the prompt pattern ^[^\\x00]*\\S[^\\x00]*$ admits one NUL as its \\S; "
-                 "the parser refuses any NUL (invalid_field prompt)"),
-    disagreement({"prompt": "a cat \udc00"}, "the text patterns admit a lone surrogate; the parser refuses it "
-                 "(invalid_field prompt)"),
-    disagreement({"prompt": "a cat", "seed": None}, "the parser reads null as 'left out'; the schema refuses null"),
-], ids=["nul-in-prompt", "lone-surrogate", "null-field"])
-def test_known_disagreements(body):
+@pytest.mark.parametrize("body", [{"prompt": "a cat\x00"}, {"prompt": "a cat \udc00"}, {"prompt": "\x00"},
+                                  {"prompt": "a cat", "seed": None}, {"prompt": "a cat", "scheduler": None}],
+                         ids=["nul-in-prompt", "lone-surrogate", "only-nul", "null-seed", "null-choice"])
+def test_schema_and_parser_agree_on_the_edge_cases(body):
+    """NUL characters, lone surrogates and nulls (refused: leave a field out instead): once disagreements the
+    schema tests found, now fixed."""
     contract = CONTRACTS["sd1"]
     assert validator(contract).is_valid(body) == isinstance(read_json(contract, body), ClientRequest)
 

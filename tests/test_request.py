@@ -595,10 +595,16 @@ def test_too_few_denoising_steps_for_the_strength_is_a_400(parser):
     assert parse(parser, {"body": {"prompt": "a", "image": image, "num_inference_steps": 2}}).strength == 0.8
 
 
-def test_a_null_size_with_an_image_is_still_range_checked(parser):
+def test_an_image_size_outside_the_limits_needs_explicit_sides(parser):
     wide = b64(png_bytes(2000, 504))
-    error = parse_error(parser, {"body": {"prompt": "a", "image": wide, "width": None, "height": None}})
+    error = parse_error(parser, {"body": {"prompt": "a", "image": wide}})
     assert error.field == "width" and "2000" in error.message
+
+
+@pytest.mark.parametrize("name", ["seed", "width", "scheduler", "negative_prompt", "stream"])
+def test_null_is_refused_with_a_hint_to_leave_the_field_out(parser, name):
+    error = parse_error(parser, {"body": {"prompt": "a", name: None}})
+    assert error.field == name and "leave the field out" in error.message
 
 
 def test_a_form_field_named_data_is_a_field_not_the_body(parser):

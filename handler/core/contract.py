@@ -83,8 +83,9 @@ class Text:
         return value
 
     def schema(self) -> dict:
-        # A non-space character somewhere and no NUL anywhere, as read() checks.
-        pattern = r"^[^\x00]*\S[^\x00]*$" if self.required else r"^[^\x00]*$"
+        # As read() checks: no NUL and no lone surrogate anywhere, and (if required) one non-space character.
+        allowed = r"[^\x00\ud800-\udfff]"
+        pattern = rf"^{allowed}*[^\s\x00\ud800-\udfff]{allowed}*$" if self.required else rf"^{allowed}*$"
         return {"type": "string", "maxLength": self.max_length, "pattern": pattern}
 
 
@@ -360,6 +361,10 @@ class Contract:
         ``preferred_format``: the door's choice (an Accept header) when the body names no output_format.
         """
         self._check_names(body)
+        for name in self.fields:
+            if name in body and body[name] is None:  # a proxy or client reading null as a value would disagree
+                raise invalid(name, f"{name} is null; leave the field out to get its default "
+                              f"({self.fields[name].default})")
         given = {name: body[name] for name in self.fields if _given(body.get(name), from_form)}
         values = {name: self.fields[name].type.read(name, value, from_form) for name, value in given.items()}
         if "prompt" not in given:
@@ -485,7 +490,7 @@ class Contract:
 
 
 def _given(value, from_form: bool) -> bool:
-    """Whether a field was given: present, not null, and in a form not empty."""
+    """Whether a field was given: present, and in a form not empty (an empty form value means left out)."""
     if value is None:
         return False
     return not (from_form and isinstance(value, str) and value.strip() == "")
