@@ -8,7 +8,10 @@ One TorchServe (loopback, the shipped settings, one worker) serves the tiny .mar
 round sends the same request (same seed) four ways, in turn, so a slow spell of the machine hits all of them:
 a plain PNG response, a stream without previews, a stream with a preview every 5 steps, and one with a preview
 on every step. The client reads every line. The table gives median latencies and their ratios to the plain
-request; the target from the streaming issue is previews under 5% of the generation at 768x768.
+request. On 2 shared cores those latencies move by several percent between rounds, so the preview's own cost
+is also measured in this process, where it can be isolated: the time of one preview (latent-to-RGB map and
+JPEG) against the time of one denoising step at the same size. The target from the streaming issue is
+previews under 5% of the generation at 768x768.
 """
 
 import argparse
@@ -70,6 +73,39 @@ def measure(server: LocalTorchServe, side: int, steps: int, rounds: int) -> list
     return rows
 
 
+def measure_preview_cost(pipeline_dir: Path, side: int, steps: int, runs: int = 50) -> list[Row]:
+    """One preview's time over one denoising step's time, both in this process at ``side`` x ``side``."""
+    import torch
+
+    from handler.core.contract import Contract
+    from handler.core.generation import GenerationEngine
+    from handler.core.previews import LatentPreviewer, preview_jpeg
+    from handler.core.settings import HandlerSettings
+    from handler.model.device import Placement
+    from handler.model.loading import load_pipeline
+
+    progress(f"in-process: timing denoising steps and previews at {side}x{side}")
+    pipeline = load_pipeline(pipeline_dir, Placement("cpu", torch.float32))
+    engine = GenerationEngine(pipeline, 10**9)
+    request = Contract(HandlerSettings()).parse({"prompt": "a cat", "seed": 0, "width": side, "height": side,
+                                                 "num_inference_steps": steps}).generation
+    stamps = []
+    engine.generate([request], on_progress=lambda position, step: stamps.append(time.perf_counter()))
+    step_seconds = median([later - earlier for earlier, later in zip(stamps[1:], stamps[2:])])
+    previewer = LatentPreviewer(pipeline)
+    latents = torch.randn((1, pipeline.unet.config.in_channels, side // 8, side // 8))
+    samples = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        preview_jpeg(previewer.preview(latents, 0, side, side))
+        samples.append(time.perf_counter() - started)
+    group = f"preview cost {side}x{side}, in-process"
+    return [Row(group, "one denoising step", step_seconds * 1000, "ms", len(stamps) - 2),
+            Row(group, "one preview (map + JPEG)", median(samples) * 1000, "ms", runs, samples=samples),
+            Row(group, "preview every step: preview / step", median(samples) / step_seconds * 100, "%", runs,
+                at_most(5) if side == 768 else None)]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="256x256, 10 steps, 2 rounds: to check the script")
@@ -89,6 +125,7 @@ def main(argv=None) -> None:
         finally:
             progress("stopping TorchServe")
             server.stop()
+        rows += measure_preview_cost(work / "scratch" / "tiny-sd1", side, steps)
     print()
     print(markdown_table(rows))
     write_json(arguments.output, rows, {"mode": "quick" if arguments.quick else "full", "side": side,
