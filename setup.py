@@ -31,5 +31,5 @@ setup(
         "requests",
         "tqdm",
     ],
-    extras_require={"test": ["pytest", "hypothesis", "hypothesis-jsonschema", "jsonschema"]},
+    extras_require={"test": ["pytest", "hypothesis", "hypothesis-jsonschema", "jsonschema", "openai"]},
 )

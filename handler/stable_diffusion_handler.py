@@ -1,8 +1,10 @@
 """TorchServe entry point: adapts TorchServe's context, rows and headers to the generation core.
 
 Everything that decides something (the contract, grouping, generation, encoding) lives in ``handler/core``,
-which does not import TorchServe; ``handler/wire.py`` reads bodies and headers and maps failures to statuses.
-This class only wires them to TorchServe: per-request statuses, content types and headers, the describe API.
+which does not import TorchServe. Two doors read bodies and headers and shape answers: ``handler/wire.py``
+(the native API) and ``handler/openai_api.py`` (the OpenAI Images API, chosen per request by the ``url_path``
+header). This class only wires them to TorchServe: per-request statuses, content types and headers, the
+describe API.
 """
 
 import json
@@ -15,9 +17,9 @@ from pathlib import Path
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
-from handler import wire
+from handler import openai_api, wire
 from handler.core.capabilities import capabilities_of
-from handler.core.contract import ClientRequest, Contract
+from handler.core.contract import ClientRequest, Contract, GenerationRequest
 from handler.core.encoding import encode_images, result_document
 from handler.core.failures import INTERNAL_ERROR, TIMEOUT, Rejection
 from handler.core.generation import GenerationEngine, GenerationResult
@@ -42,6 +44,7 @@ class StableDiffusionHandler(BaseHandler):
         self.engine = None
         self.registry = None
         self.metrics = None
+        self.openai = None
 
     def initialize(self, context):
         started = time.perf_counter()
@@ -63,6 +66,8 @@ class StableDiffusionHandler(BaseHandler):
         self.engine = GenerationEngine(pipeline, self.settings.max_batch_pixels, on_call=self._record_call,
                                        safety_checker=self.settings.safety_checker)
         self.contract = Contract(self.settings, capabilities_of(pipeline, self.engine.tasks))
+        self.openai = openai_api.OpenAIDoor(self.contract, context.model_name,
+                                            openai_api.archive_created(context.manifest))
         if self.settings.warmup:
             self.engine.warm_up(self.settings.default_width, self.settings.default_height)
         self.initialized = True
@@ -94,9 +99,10 @@ class StableDiffusionHandler(BaseHandler):
 
     def inference(self, data, *args, **kwargs):
         started = time.perf_counter()
-        work = [item.generation if isinstance(item, ClientRequest) else item for item in data]
+        work = [item.generation if isinstance(item, ClientRequest) else
+                item.work() if isinstance(item, openai_api.OpenAICall) else item for item in data]
         logger.info("worker %d generating for %d request(s)", os.getpid(),
-                    sum(isinstance(item, ClientRequest) for item in data))
+                    sum(isinstance(item, GenerationRequest) for item in work))
         streams = {index: item.generation.seeds for index, item in enumerate(data)
                    if isinstance(item, ClientRequest) and item.stream}
         sender = StreamSender(self.context, self.metrics, streams) if streams else None
@@ -115,6 +121,8 @@ class StableDiffusionHandler(BaseHandler):
 
         A stream ends with one result or error event sent with status 200, since its first lines may be out.
         """
+        if isinstance(item, openai_api.OpenAICall):
+            return self._respond_openai(index, outcome, item)
         stream = isinstance(item, ClientRequest) and item.stream
         if stream:
             self.context.set_response_content_type(index, wire.STREAM_CONTENT_TYPE)
@@ -143,6 +151,22 @@ class StableDiffusionHandler(BaseHandler):
         self.context.set_response_content_type(index, "application/json")
         return wire.error_body(outcome)
 
+    def _respond_openai(self, index: int, outcome, call: "openai_api.OpenAICall") -> bytes:
+        started = time.perf_counter()
+        reply = self.openai.respond(call, outcome)
+        if isinstance(outcome, GenerationResult):
+            if outcome.nsfw:
+                self.metrics.flagged_images(sum(outcome.nsfw))
+            self.metrics.encoded(time.perf_counter() - started)
+        elif call.failure is not None or isinstance(outcome, Rejection):
+            self._count_rejection(call.failure or outcome)
+        if reply.status != 200:
+            self.context.set_response_status(reply.status, HTTPStatus(reply.status).phrase, index)
+        self.context.set_response_content_type(index, reply.content_type)
+        for name, value in reply.headers.items():
+            self.context.set_response_header(index, name, value)
+        return reply.body
+
     def _count_rejection(self, rejection: Rejection) -> None:
         self.metrics.rejected_request(rejection.reason)
         if rejection.reason == TIMEOUT:
@@ -153,16 +177,21 @@ class StableDiffusionHandler(BaseHandler):
         self.metrics.pipeline_call(seconds)
 
     def _read(self, index, row):
-        """One request row -> a ClientRequest, or the Rejection that answers it."""
+        """One request row -> a ClientRequest or an OpenAICall (by its url_path), or the Rejection that answers it."""
         headers = self.context.get_all_request_header(index) or {}
+        route = openai_api.route_of(headers)
         try:
+            if route is not None:
+                return self.openai.read(route, row, headers)
             return wire.read_request(self.contract, row, headers)
         except Rejection as rejection:
             logger.info("rejected request %d: %s", index, rejection.message)
-            return rejection
+            failure = rejection
         except Exception:  # a parser bug must cost one request, not the whole batch
             logger.exception("could not read request %d", index)
-            return Rejection(INTERNAL_ERROR, "the server could not read this request; the server log has the details")
+            failure = Rejection(INTERNAL_ERROR, "the server could not read this request; the server log has the "
+                                "details")
+        return failure if route is None else openai_api.OpenAICall(route, failure=failure)
 
     def _set_thread_count(self):
         """Give this worker an even share of the cores, re-counted as workers are scaled up or down."""
