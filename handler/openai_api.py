@@ -209,7 +209,8 @@ class OpenAIDoor:
         _choose("background", given, ("auto", "opaque"), "auto",
                 "this model makes opaque images only; leave background out, or use auto or opaque")
         if route == EDITS and "image" not in given:
-            raise invalid("image", "image is required: upload the picture to edit as the form file image")
+            raise invalid("image", "image is required: the picture to edit, as the form file image (or base64 in "
+                          "a JSON body)")
         if "stream" in given and self.contract.declared["stream"].type.read("stream", given["stream"], from_form):
             raise invalid("stream", "stream is not offered by the OpenAI API here; leave it out (or false), or use "
                           "POST /predictions/{model} with \"stream\": true for NDJSON progress")
