@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import replace
 from http import HTTPStatus
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from handler.core.settings import HandlerSettings
 from handler.metrics import ServiceMetrics
 from handler.streaming import StreamSender
 from handler.model.device import WorkerRegistry, available_cores, choose_placement, threads_per_worker
+from handler.model.adapters import find_loras, serve_loras
 from handler.model.loading import load_pipeline
 from handler.model.pipeline_files import locate_pipeline
 from handler.model.pipeline_index import pipeline_class_name
@@ -61,11 +63,20 @@ class StableDiffusionHandler(BaseHandler):
         folder = locate_pipeline(model_dir)
         placement = choose_placement(self.settings, torch.cuda.is_available(), properties.get("gpu_id"),
                                      pipeline_class_name(folder))
-        pipeline = load_pipeline(folder, placement, self.settings)
+        lora_files = find_loras(model_dir, self.settings.lora_dir)
+        loras = []
+
+        def prepare(pipeline):
+            loras.append(serve_loras(pipeline, lora_files, self.settings.max_loras, self.settings.max_loaded_loras,
+                                     hotswap=self.settings.torch_compile))
+
+        pipeline = load_pipeline(folder, placement, self.settings, prepare=prepare)
         self.metrics = ServiceMetrics(context.metrics, context.model_name)
         self.engine = GenerationEngine(pipeline, self.settings.max_batch_pixels, on_call=self._record_call,
-                                       safety_checker=self.settings.safety_checker)
-        self.contract = Contract(self.settings, capabilities_of(pipeline, self.engine.tasks))
+                                       safety_checker=self.settings.safety_checker, loras=loras[0])
+        lora_names = loras[0].names if loras[0] is not None else ()
+        self.contract = Contract(self.settings, replace(capabilities_of(pipeline, self.engine.tasks),
+                                                        loras=lora_names))
         self.openai = openai_api.OpenAIDoor(self.contract, context.model_name,
                                             openai_api.archive_created(context.manifest))
         if self.settings.warmup:
