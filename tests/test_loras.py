@@ -18,7 +18,7 @@ from handler.core.contract import Contract, GenerationRequest
 from handler.core.failures import Rejection
 from handler.core.generation import GenerationEngine, plan_groups
 from handler.core.settings import HandlerSettings, SettingsError
-from handler.model.adapters import LoraAdapters, LoraError, check_lora, find_loras
+from handler.model.adapters import LoraAdapters, LoraError, check_lora, find_loras, serve_loras
 from handler.model.device import Placement
 from handler.model.loading import load_pipeline
 
@@ -77,6 +77,37 @@ def test_least_recently_used_adapter_is_unloaded_and_reloads_to_the_same_image(f
     assert sorted(adapters.pipeline.get_list_adapters()["unet"]) == ["a_kohya", "b"]
     assert np.array_equal(image(engine, [("a", 1.0)]), first_a)
     assert sorted(adapters.pipeline.get_list_adapters()["unet"]) == ["a", "a_kohya"]
+
+
+def hot_swapping_engine(folder, loras, settings):
+    """An engine whose adapters swap into max_loras slots prepared before compiling, as the handler sets it up."""
+    prepared = []
+    pipeline = load_pipeline(folder, Placement("cpu", torch.float32), settings, prepare=lambda pipeline: prepared.append(
+        serve_loras(pipeline, loras, settings.max_loras, settings.max_loaded_loras, hotswap=True)))
+    return GenerationEngine(pipeline, 10**8, loras=prepared[0])
+
+
+SWAPS = [(), (("a", 1.0),), (("a", 0.5), ("b", 1.0)), (("a_kohya", 1.0), ("b", 0.3)), (("b", 1.0),), ()]
+
+
+def test_hot_swapped_slots_give_the_images_of_resident_adapters(family_folders):
+    folder, loras = family_folders["sd1"]
+    resident, _ = engine_with_loras(folder, loras)
+    swapping = hot_swapping_engine(folder, loras, HandlerSettings(max_loras=2, max_loaded_loras=2))
+    for selection in SWAPS:
+        assert np.abs(image(swapping, selection) - image(resident, selection)).max() <= 1, selection
+
+
+def test_with_torch_compile_switching_loras_and_scales_never_recompiles(family_folders):
+    """One compile at the first call (about 40 s on 2 CPU cores); every later switch must reuse that graph."""
+    folder, loras = family_folders["sd1"]
+    resident, _ = engine_with_loras(folder, loras)
+    compiled = hot_swapping_engine(folder, loras, HandlerSettings(max_loras=2, max_loaded_loras=2,
+                                                                  torch_compile=True))
+    image(compiled, SWAPS[0])
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for selection in SWAPS[1:]:
+            assert np.abs(image(compiled, selection) - image(resident, selection)).max() <= 2, selection
 
 
 def test_a_lora_for_another_family_is_refused_naming_the_file(family_folders):

@@ -132,6 +132,7 @@ class LoraAdapters:
         self._resident: "OrderedDict[str, object]" = OrderedDict()  # name -> None (in the model) or state dict
         self._active: Optional[Selection] = None
         self._slot_of: dict[str, str] = {}  # hotswap: adapter name -> slot holding it
+        self._natural_scaling: dict[str, dict[int, float]] = {}  # hotswap: slot -> layer id -> alpha / rank
         self.switches = 0
 
     @property
@@ -155,16 +156,26 @@ class LoraAdapters:
         return dropped
 
     def prepare_hotswap(self) -> None:
-        """Before compiling: fix the slots' rank and fill each slot, so later loads swap weights in place."""
+        """Before compiling: fill each slot, padded to the largest rank, with its scaling held in a tensor.
+
+        A compiled graph guards on Python floats, so the slots' scales are tensors written in place
+        (``_set_slot_scales``); ``set_adapters`` would put floats back and recompile. diffusers prepares only
+        the adapters present when it is asked, hence a request before each slot's load.
+        """
         from safetensors.torch import load_file
 
-        self.pipeline.enable_lora_hotswap(target_rank=self.hotswap.max_rank)
-        first = self.names[0]
-        for slot in range(self.hotswap.slots):
-            self.pipeline.load_lora_weights(load_file(self.files[first]), adapter_name=self._slot_name(slot))
-        self.pipeline.set_adapters([self._slot_name(slot) for slot in range(self.hotswap.slots)],
-                                   [0.0] * self.hotswap.slots)
-        self._slot_of = {}
+        widest = max(self.names, key=lambda name: _module_count(self.files[name]))  # the slots' target layers
+        for number, slot in enumerate(self._slots()):
+            # diffusers refuses a second request once adapters exist ("error"): the model is not compiled yet.
+            self.pipeline.enable_lora_hotswap(target_rank=self.hotswap.max_rank,
+                                              check_compiled="error" if number == 0 else "ignore")
+            self.pipeline.load_lora_weights(load_file(self.files[widest]), adapter_name=slot)
+        self.pipeline.set_adapters(self._slots(), [1.0] * self.hotswap.slots)  # all active: each layer's scaling
+        self._slot_of = {}                                                     # is now its own alpha / rank
+        self._natural_scaling = {slot: {} for slot in self._slots()}
+        for slot in self._slots():
+            self._remember_scaling(slot)
+        self._set_slot_scales({})
 
     def activate(self, selection: Selection) -> None:
         """Make ``selection`` the adapters (and scales) of the next pipeline call."""
@@ -201,18 +212,40 @@ class LoraAdapters:
         """Copy the selection's weights into the slots (in place), then set each slot's scale (0: unused)."""
         wanted = [name for name, _ in selection]
         keep = {name: slot for name, slot in self._slot_of.items() if name in wanted}
-        free = [self._slot_name(slot) for slot in range(self.hotswap.slots) if self._slot_name(slot) not in
-                keep.values()]
+        free = [slot for slot in self._slots() if slot not in keep.values()]
         for name in wanted:
             if name not in keep:
                 slot = free.pop(0)
                 self.pipeline.load_lora_weights(self._weights(name), adapter_name=slot, hotswap=True)
+                self._remember_scaling(slot)
                 keep[name] = slot
         self._slot_of = keep
         scales = dict(selection)
-        slot_scales = {slot: scales[name] for name, slot in keep.items()}
-        slots = [self._slot_name(slot) for slot in range(self.hotswap.slots)]
-        self.pipeline.set_adapters(slots, [slot_scales.get(slot, 0.0) for slot in slots])
+        self._set_slot_scales({slot: scales[name] for name, slot in keep.items()})
+
+    def _lora_layers(self):
+        from peft.tuners.lora import LoraLayer
+
+        return [module for module in self.pipeline.components.values() if hasattr(module, "modules")
+                for module in module.modules() if isinstance(module, LoraLayer)]
+
+    def _remember_scaling(self, slot: str) -> None:
+        """The loaded LoRA's own scaling (alpha / rank) per layer: a request's scale multiplies it."""
+        import torch
+
+        for layer in self._lora_layers():
+            if slot in layer.scaling:
+                value = layer.scaling[slot]
+                if not isinstance(value, torch.Tensor):
+                    layer.scaling[slot] = value = torch.tensor(float(value), device=layer.weight.device)
+                self._natural_scaling[slot][id(layer)] = float(value)
+
+    def _set_slot_scales(self, slot_scales: dict[str, float]) -> None:
+        for layer in self._lora_layers():
+            for slot in self._slots():
+                if slot in layer.scaling:
+                    natural = self._natural_scaling[slot][id(layer)]
+                    layer.scaling[slot].fill_(natural * slot_scales.get(slot, 0.0))
 
     def _weights(self, name: str) -> dict:
         """An adapter's state dict, kept in memory for the ``max_loaded`` most recently used ones."""
@@ -227,9 +260,16 @@ class LoraAdapters:
         self._resident[name] = weights
         return dict(weights)
 
-    @staticmethod
-    def _slot_name(slot: int) -> str:
-        return f"hotswap-slot-{slot}"
+    def _slots(self) -> list[str]:
+        return [f"hotswap-slot-{slot}" for slot in range(self.hotswap.slots)]
+
+
+def _module_count(path: Path) -> int:
+    """How many layers a LoRA file adapts (its down/A matrices), read from the header."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as weights:
+        return sum(key.endswith(("lora_A.weight", "lora_down.weight", "lora.down.weight")) for key in weights.keys())
 
 
 def rank_of(path: Path) -> int:

@@ -53,8 +53,9 @@ def apply_optimization(pipeline, step: str, placement: Placement, settings: Hand
     elif step == "vae_tiling":
         pipeline.vae.enable_tiling()
     elif step == "torch_compile":
-        name = "unet" if getattr(pipeline, "unet", None) is not None else "transformer"
-        setattr(pipeline, name, torch.compile(denoiser(pipeline), mode=settings.compile_mode))
+        # In place (nn.Module.compile), so the pipeline keeps the module itself: LoRA loading and hot-swap
+        # find their adapters on it, which a torch.compile() wrapper would hide.
+        denoiser(pipeline).compile(mode=settings.compile_mode)
     else:
         raise ValueError(f"unknown optimization step {step!r}")
 
