@@ -28,9 +28,12 @@ def make_tiny_lora(pipeline_folder: Path, target: Path, seed: int = 0, rank: int
     from peft import LoraConfig, get_peft_model_state_dict
     from safetensors.torch import save_file
 
+    from handler.model.pipeline_index import null_components
+
     if lora_format not in FORMATS:
         raise ValueError(f"unknown LoRA format {lora_format!r}; expected one of {FORMATS}")
-    pipeline = DiffusionPipeline.from_pretrained(pipeline_folder, local_files_only=True)
+    pipeline = DiffusionPipeline.from_pretrained(pipeline_folder, local_files_only=True,
+                                                 **null_components(pipeline_folder))
     denoiser_name = "unet" if getattr(pipeline, "unet", None) is not None else "transformer"
     denoiser = getattr(pipeline, denoiser_name)
     denoiser.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGET_MODULES, init_lora_weights=False))
