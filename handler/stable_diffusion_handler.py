@@ -63,20 +63,16 @@ class StableDiffusionHandler(BaseHandler):
         folder = locate_pipeline(model_dir)
         placement = choose_placement(self.settings, torch.cuda.is_available(), properties.get("gpu_id"),
                                      pipeline_class_name(folder))
-        lora_files = find_loras(model_dir, self.settings.lora_dir)
-        loras = []
-
-        def prepare(pipeline):
-            loras.append(serve_loras(pipeline, lora_files, self.settings.max_loras, self.settings.max_loaded_loras,
-                                     hotswap=self.settings.torch_compile))
-
-        pipeline = load_pipeline(folder, placement, self.settings, prepare=prepare)
+        settings, lora_files = self.settings, find_loras(model_dir, self.settings.lora_dir)
+        prepared = {}  # the LoraAdapters, made as the pipeline loads: hot-swap slots must exist before compiling
+        pipeline = load_pipeline(folder, placement, settings, prepare=lambda loaded: prepared.update(loras=serve_loras(
+            loaded, lora_files, settings.max_loras, settings.max_loaded_loras, hotswap=settings.torch_compile)))
+        loras = prepared["loras"]
         self.metrics = ServiceMetrics(context.metrics, context.model_name)
-        self.engine = GenerationEngine(pipeline, self.settings.max_batch_pixels, on_call=self._record_call,
-                                       safety_checker=self.settings.safety_checker, loras=loras[0])
-        lora_names = loras[0].names if loras[0] is not None else ()
-        self.contract = Contract(self.settings, replace(capabilities_of(pipeline, self.engine.tasks),
-                                                        loras=lora_names))
+        self.engine = GenerationEngine(pipeline, settings.max_batch_pixels, on_call=self._record_call,
+                                       safety_checker=settings.safety_checker, loras=loras)
+        self.contract = Contract(settings, replace(capabilities_of(pipeline, self.engine.tasks),
+                                                   loras=loras.names if loras is not None else ()))
         self.openai = openai_api.OpenAIDoor(self.contract, context.model_name,
                                             openai_api.archive_created(context.manifest))
         if self.settings.warmup:

@@ -42,11 +42,11 @@ def find_loras(model_dir: Path, lora_dir: str = "") -> dict[str, Path]:
 
     Packaged files come first; a ``lora_dir`` file with the name of a packaged one is refused (ambiguous).
     """
+    if lora_dir and not Path(lora_dir).is_dir():
+        raise LoraError(f"lora_dir {lora_dir} is not a folder")
     found: dict[str, Path] = {}
     folders = [Path(model_dir) / PACKAGED_FOLDER] + ([Path(lora_dir)] if lora_dir else [])
     for folder in folders:
-        if folder == Path(lora_dir) and not folder.is_dir():
-            raise LoraError(f"lora_dir {lora_dir} is not a folder")
         for path in sorted(folder.glob(f"*{LORA_SUFFIX}")) if folder.is_dir() else ():
             name = path.name[:-len(LORA_SUFFIX)]
             if not NAME.fullmatch(name):
