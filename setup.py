@@ -30,6 +30,8 @@ setup(
         "psutil",
         "requests",
         "tqdm",
+        "compel",
+        "sentencepiece",
     ],
     extras_require={"test": ["pytest", "hypothesis", "hypothesis-jsonschema", "jsonschema", "openai"]},
 )

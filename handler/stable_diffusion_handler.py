@@ -23,6 +23,7 @@ from handler.core.contract import ClientRequest, Contract, GenerationRequest
 from handler.core.encoding import encode_images, result_document
 from handler.core.failures import INTERNAL_ERROR, TIMEOUT, Rejection
 from handler.core.generation import GenerationEngine, GenerationResult
+from handler.core.prompts import prompt_encoder_for
 from handler.core.settings import HandlerSettings
 from handler.metrics import ServiceMetrics
 from handler.streaming import StreamSender
@@ -30,6 +31,7 @@ from handler.model.device import WorkerRegistry, available_cores, choose_placeme
 from handler.model.loading import load_pipeline
 from handler.model.pipeline_files import locate_pipeline
 from handler.model.pipeline_index import pipeline_class_name
+from handler.model.translation import load_translator
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ class StableDiffusionHandler(BaseHandler):
         self.registry = None
         self.metrics = None
         self.openai = None
+        self.translator = None
 
     def initialize(self, context):
         started = time.perf_counter()
@@ -64,7 +67,9 @@ class StableDiffusionHandler(BaseHandler):
         pipeline = load_pipeline(folder, placement, self.settings)
         self.metrics = ServiceMetrics(context.metrics, context.model_name)
         self.engine = GenerationEngine(pipeline, self.settings.max_batch_pixels, on_call=self._record_call,
-                                       safety_checker=self.settings.safety_checker)
+                                       safety_checker=self.settings.safety_checker,
+                                       prompt_encoder=prompt_encoder_for(pipeline, self.settings.prompt_syntax))
+        self.translator = load_translator(model_dir, self.settings.translate, placement.device)
         self.contract = Contract(self.settings, capabilities_of(pipeline, self.engine.tasks))
         self.openai = openai_api.OpenAIDoor(self.contract, context.model_name,
                                             openai_api.archive_created(context.manifest))
@@ -101,6 +106,8 @@ class StableDiffusionHandler(BaseHandler):
         started = time.perf_counter()
         work = [item.generation if isinstance(item, ClientRequest) else
                 item.work() if isinstance(item, openai_api.OpenAICall) else item for item in data]
+        if self.translator is not None:
+            work = self.translator.apply(work)
         logger.info("worker %d generating for %d request(s)", os.getpid(),
                     sum(isinstance(item, GenerationRequest) for item in work))
         streams = {index: item.generation.seeds for index, item in enumerate(data)
