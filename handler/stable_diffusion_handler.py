@@ -91,11 +91,14 @@ class StableDiffusionHandler(BaseHandler):
         return output
 
     def describe_handle(self):
-        """``GET /models/{name}?customized=true``: the request schema and capabilities of this loaded model."""
+        """``GET /models/{name}?customized=true``: the request schema and capabilities of this loaded model, and
+        how it reads prompts (``translate`` is ``never`` where no translator is loaded)."""
         settings = self.settings
         return json.dumps({
             "request_schema": self.contract.json_schema(),
             "capabilities": self.contract.capabilities.describe(settings.default_width, settings.default_height),
+            "prompts": {"prompt_syntax": settings.prompt_syntax,
+                        "translate": settings.translate if self.translator is not None else "never"},
         })
 
     def preprocess(self, data):

@@ -5,7 +5,7 @@ import numpy as np
 import openai
 import pytest
 
-from helpers import MODEL, build_tiny_mar, json_images, predict, start_server, stop_server, write_model_config
+from helpers import MODEL, json_images, management, predict, start_server, stop_server, write_model_config
 from test_prompts import CHANGED, LONG
 
 pytestmark = pytest.mark.serving
@@ -36,6 +36,12 @@ def generate(server, prompt: str, **fields) -> dict:
     response = predict(server, {"prompt": prompt, **SMALL, **fields})
     assert response.status_code == 200, response.text[:300]
     return response.json()
+
+
+def test_describe_says_how_prompts_are_read(server):
+    response = management(server, "GET", f"/models/{MODEL}?customized=true")
+    assert response.status_code == 200, response.text[:300]
+    assert response.json()[0]["customizedMetadata"]["prompts"] == {"prompt_syntax": "a1111", "translate": "auto"}
 
 
 def test_a_weight_changes_the_image(server):
