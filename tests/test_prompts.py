@@ -197,3 +197,20 @@ def test_settings_name_the_syntaxes():
     assert HandlerSettings.from_mapping({"prompt_syntax": "a1111"}).prompt_syntax == "a1111"
     with pytest.raises(SettingsError, match=r"prompt_syntax must be one of \['plain', 'a1111', 'compel'\]"):
         HandlerSettings.from_mapping({"prompt_syntax": "A1111"})
+
+
+def test_image_to_image_and_inpainting_read_the_embeddings_too(engines):
+    from dataclasses import replace
+
+    from PIL import Image
+
+    plain, a1111, _ = engines
+    image = Image.new("RGB", (64, 64), (120, 80, 40))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    for extra in ({"image": image, "strength": 0.8}, {"image": image, "mask_image": mask, "strength": 0.8}):
+        def edited(engine, prompt):
+            return images(engine, replace(request(prompt, "blurry"), **extra))[0]
+
+        assert np.array_equal(edited(a1111, "a red fox"), edited(plain, "a red fox"))
+        assert not np.array_equal(edited(a1111, LONG), edited(a1111, CHANGED))
