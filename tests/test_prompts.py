@@ -1,7 +1,7 @@
 """Prompt syntax and long prompts (handler/core/prompts.py) on the tiny SD 1 and SDXL pipelines.
 
-The tiny tokenizer has one token per character, so a prompt of N characters is N tokens: "after token 77" is
-"after character 75" (BOS takes one place and EOS another).
+The tiny tokenizer has one token per non-space character, so where two prompts' tokens start to differ is easy
+to count (``first_difference`` checks it where it matters).
 """
 
 import numpy as np
@@ -15,10 +15,9 @@ from handler.core.prompts import (
     A1111Encoder, CompelEncoder, Fragment, chunk_tokens, parse_a1111, prompt_encoder_for,
 )
 from handler.core.settings import HandlerSettings, SettingsError
+from helpers import LONG_PROMPT, LONG_PROMPT_CHANGED
 
 WINDOW = 75  # tokens of one chunk between BOS and EOS
-LONG = "a lighthouse on a cliff above a stormy sea, waves, spray, gulls, dramatic clouds, oil painting at dusk"
-CHANGED = LONG[:-4] + "dawn"  # differs from LONG after token 77 only
 
 
 def first_difference(tokenizer, one: str, other: str) -> int:
@@ -124,10 +123,10 @@ def test_a_weight_changes_the_image(engines):
 
 def test_plain_truncates_after_77_tokens_and_the_syntaxes_do_not(engines):
     plain, a1111, compel = engines
-    assert first_difference(plain.pipeline.tokenizer, LONG, CHANGED) >= 77
-    assert np.array_equal(one(plain, LONG), one(plain, CHANGED))
-    assert not np.array_equal(one(a1111, LONG), one(a1111, CHANGED))
-    assert not np.array_equal(one(compel, LONG), one(compel, CHANGED))
+    assert first_difference(plain.pipeline.tokenizer, LONG_PROMPT, LONG_PROMPT_CHANGED) >= 77
+    assert np.array_equal(one(plain, LONG_PROMPT), one(plain, LONG_PROMPT_CHANGED))
+    assert not np.array_equal(one(a1111, LONG_PROMPT), one(a1111, LONG_PROMPT_CHANGED))
+    assert not np.array_equal(one(compel, LONG_PROMPT), one(compel, LONG_PROMPT_CHANGED))
 
 
 def test_a_request_gets_the_same_image_alone_or_batched(engines):
@@ -135,8 +134,9 @@ def test_a_request_gets_the_same_image_alone_or_batched(engines):
     embeddings are exactly its own; the images agree to one level (a UNet batch of another size may round the
     last bit of a pixel differently on CPU, prompts or not)."""
     _, a1111, compel = engines
-    batch = [request("a (red:1.3) fox", seed=1), request(LONG, seed=2, num_images=2), request("a (cat:0.8)", seed=5),
-             request("a [dog]", "blurry", seed=7), request(LONG, "(blurry:1.4), " + LONG, seed=8)]
+    batch = [request("a (red:1.3) fox", seed=1), request(LONG_PROMPT, seed=2, num_images=2),
+             request("a (cat:0.8)", seed=5), request("a [dog]", "blurry", seed=7),
+             request(LONG_PROMPT, "(blurry:1.4), " + LONG_PROMPT, seed=8)]
     for engine in (a1111, compel):
         together = images(engine, *batch)
         for member, image in zip(batch, together):
@@ -158,10 +158,10 @@ def test_sdxl_reads_weights_and_long_prompts_with_both_encoders(sdxl_pipeline):
     assert np.array_equal(one(a1111, "a red fox"), one(plain, "a red fox"))
     assert np.array_equal(one(a1111, "a red fox", "blurry"), one(plain, "a red fox", "blurry"))
     assert not np.array_equal(one(a1111, "a (red:1.5) fox"), one(a1111, "a red fox"))
-    assert np.array_equal(one(plain, LONG), one(plain, CHANGED))
-    assert not np.array_equal(one(a1111, LONG), one(a1111, CHANGED))
-    assert not np.array_equal(one(compel, LONG), one(compel, CHANGED))
-    arguments = A1111Encoder(sdxl_pipeline).arguments([LONG], [None])
+    assert np.array_equal(one(plain, LONG_PROMPT), one(plain, LONG_PROMPT_CHANGED))
+    assert not np.array_equal(one(a1111, LONG_PROMPT), one(a1111, LONG_PROMPT_CHANGED))
+    assert not np.array_equal(one(compel, LONG_PROMPT), one(compel, LONG_PROMPT_CHANGED))
+    arguments = A1111Encoder(sdxl_pipeline).arguments([LONG_PROMPT], [None])
     assert arguments["prompt_embeds"].shape == (1, 2 * 77, 64)
     assert arguments["pooled_prompt_embeds"].shape == (1, 32)
     assert not arguments["negative_prompt_embeds"].any()  # force_zeros_for_empty_prompt, as the pipeline does
@@ -213,4 +213,4 @@ def test_image_to_image_and_inpainting_read_the_embeddings_too(engines):
             return images(engine, replace(request(prompt, "blurry"), **extra))[0]
 
         assert np.array_equal(edited(a1111, "a red fox"), edited(plain, "a red fox"))
-        assert not np.array_equal(edited(a1111, LONG), edited(a1111, CHANGED))
+        assert not np.array_equal(edited(a1111, LONG_PROMPT), edited(a1111, LONG_PROMPT_CHANGED))

@@ -5,8 +5,10 @@ import numpy as np
 import openai
 import pytest
 
-from helpers import MODEL, json_images, management, predict, start_server, stop_server, write_model_config
-from test_prompts import CHANGED, LONG
+from helpers import (
+    LONG_PROMPT, LONG_PROMPT_CHANGED, MODEL, json_images, management, predict, start_server, stop_server,
+    write_model_config,
+)
 
 pytestmark = pytest.mark.serving
 
@@ -52,7 +54,7 @@ def test_a_weight_changes_the_image(server):
 
 def test_a_prompt_longer_than_77_tokens_is_read_to_its_end(server):
     long, changed = (json_images(generate(server, prompt, negative_prompt="(blurry:1.2)"))[0]
-                     for prompt in (LONG, CHANGED))
+                     for prompt in (LONG_PROMPT, LONG_PROMPT_CHANGED))
     assert not np.array_equal(long, changed)
 
 

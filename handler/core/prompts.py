@@ -357,8 +357,8 @@ def prompt_encoder_for(pipeline, syntax: str) -> Optional[PromptEncoder]:
         return None
     if getattr(pipeline, "unet", None) is None:  # SD3 and Flux run a transformer on T5 and pooled CLIP
         raise SettingsError(
-            f"model-config.yaml handler setting prompt_syntax {syntax} needs a pipeline conditioned on CLIP hidden states only (SD 1.x/2.x, SDXL); "
-            f"{type(pipeline).__name__} also conditions on T5 (which reads up to max_sequence_length tokens by "
+            f"model-config.yaml handler setting prompt_syntax {syntax} needs a pipeline conditioned on CLIP hidden "
+            f"states only (SD 1.x/2.x, SDXL); {type(pipeline).__name__} also conditions on T5 (which reads up to max_sequence_length tokens by "
             "itself) or a pooled CLIP vector without a chunked form: set prompt_syntax plain")
     return ENCODERS[syntax](pipeline)
 

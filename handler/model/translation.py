@@ -103,7 +103,8 @@ def load_translator(model_dir: Path, mode: str, device: str) -> Optional[PromptT
         return None
     if not (folder / "config.json").is_file():
         if mode == ALWAYS:
-            raise SettingsError(f"model-config.yaml handler setting translate is always but the archive holds no translator ({TRANSLATOR_FOLDER}/): "
-                             "build it with build_mar.sh --translator PATH, or set translate to auto or never")
+            raise SettingsError(f"model-config.yaml handler setting translate is always but the archive holds no "
+                                f"translator ({TRANSLATOR_FOLDER}/): build it with build_mar.sh --translator PATH, or "
+                                "set translate to auto or never")
         return None
     return PromptTranslator(folder, mode, device)
