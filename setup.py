@@ -31,5 +31,6 @@ setup(
         "requests",
         "tqdm",
     ],
-    extras_require={"test": ["pytest", "hypothesis", "hypothesis-jsonschema", "jsonschema", "openai"]},
+    extras_require={"test": ["pytest", "hypothesis", "hypothesis-jsonschema", "jsonschema", "openai",
+                             "tritonclient[http]", "kubernetes-validate"]},
 )
