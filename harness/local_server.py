@@ -126,6 +126,10 @@ class LocalTorchServe:
     def start(self, timeout: float = 180.0) -> None:
         """Start TorchServe and wait until every model has a READY worker."""
         self.launch()
+        self.wait_until_ready(timeout)
+
+    def wait_until_ready(self, timeout: float = 180.0) -> None:
+        """Wait until every model of a launched server has a READY worker; stop the server if it never does."""
         deadline = time.monotonic() + timeout
         try:
             while time.monotonic() < deadline:
