@@ -206,7 +206,8 @@ class KServeDoor:
     def _requested_outputs(self, outputs, binary_default: bool) -> dict[str, bool]:
         if outputs is None:
             return {name: binary_default for name in OUTPUTS}
-        if not isinstance(outputs, list) or not all(isinstance(o, dict) and o.get("name") in OUTPUTS for o in outputs):
+        if not isinstance(outputs, list) or not outputs or \
+                not all(isinstance(o, dict) and o.get("name") in OUTPUTS for o in outputs):
             raise invalid("outputs", f"outputs must list some of {list(OUTPUTS)} as {{\"name\": ...}}, got "
                           f"{shown(outputs)}", reason=INVALID_BODY)
         requested = {}

@@ -101,6 +101,7 @@ def test_binary_inputs_are_read_and_binary_outputs_asked_for():
     (v2_row([{"name": "prompt", "shape": [2], "datatype": "BYTES", "data": ["a", "b"]}]), "prompt", "shape [1]"),
     (v2_row([tensor("prompt", "BYTES", "a"), tensor("colour", "BYTES", "red")]), "colour", "unknown input"),
     (v2_row([tensor("prompt", "BYTES", "a")], {"seed": 1}, outputs=[{"name": "latents"}]), "outputs", "image"),
+    (v2_row([tensor("prompt", "BYTES", "a")], outputs=[]), "outputs", "image"),
     (v2_row([tensor("prompt", "BYTES", "a"), tensor("seed", "INT64", 1)], {"seed": 2}), "seed", "twice"),
     (v2_row([tensor("prompt", "BYTES", "a")], {"output_format": "npy"}), "output_format", "png"),
     (v2_row([tensor("prompt", "BYTES", "a")], {"stream": True}), "stream", "stream"),
