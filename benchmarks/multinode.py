@@ -10,6 +10,7 @@ import argparse
 import sys
 import tempfile
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -37,18 +38,20 @@ def one_node_per_core_config(work: Path) -> Path:
     return path
 
 
-def requests_per_second(state: multinode.ClusterState, body: dict, count: int) -> float:
+def requests_per_second(state: multinode.ClusterState, body: dict, count: int) -> tuple[float, Counter]:
+    """The rate of ``count`` requests, and how many each node gateway answered (a retry would show as two)."""
     headers = {"Authorization": f"Bearer {state.gateway_key()}"}
 
-    def send(seed: int) -> None:
+    def send(seed: int) -> str:
         response = requests.post(f"{state.url}/predictions/{MODEL}", json={**body, "seed": seed}, headers=headers,
                                  timeout=600)
         response.raise_for_status()
+        return response.headers["X-Upstream"]
 
     started = time.perf_counter()
     with ThreadPoolExecutor(CONCURRENCY) as pool:
-        list(pool.map(send, range(count)))
-    return count / (time.perf_counter() - started)
+        upstreams = list(pool.map(send, range(count)))
+    return count / (time.perf_counter() - started), Counter(upstreams)
 
 
 def measure(archive: Path, work: Path, nodes: int, body: dict, count: int, rounds: int) -> list[float]:
@@ -58,8 +61,10 @@ def measure(archive: Path, work: Path, nodes: int, body: dict, count: int, round
         requests_per_second(state, body, CONCURRENCY)  # every worker has run once
         samples = []
         for round_number in range(rounds):
-            samples.append(requests_per_second(state, body, count))
-            progress(f"{nodes} node(s), round {round_number + 1}/{rounds}: {samples[-1]:.2f} requests/s")
+            rate, upstreams = requests_per_second(state, body, count)
+            samples.append(rate)
+            progress(f"{nodes} node(s), round {round_number + 1}/{rounds}: {rate:.2f} requests/s, answered by "
+                     f"{dict(upstreams)}")
         return samples
     finally:
         multinode.stop(state)
