@@ -27,7 +27,9 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from handler import wire
-from handler.core.contract import Boolean, Choice, ClientRequest, Contract, ImageInput, Integer, Number, Text
+from handler.core.contract import (
+    Boolean, Choice, ClientRequest, Contract, ImageInput, Integer, LoraList, Number, Text,
+)
 from handler.core.encoding import SINGLE_IMAGE_FORMATS, array_json, image_file
 from handler.core.failures import INVALID_BODY, NOT_IMPLEMENTED, UNKNOWN_FIELD, UNSUPPORTED_MEDIA_TYPE, \
     Rejection, invalid, shown
@@ -139,7 +141,7 @@ class KServeDoor:
         if not isinstance(binary_default, bool):
             raise invalid("binary_data_output", f"parameters.binary_data_output must be true or false, got "
                           f"{shown(binary_default)}")
-        fields = parameters
+        fields = {name: self._json_list(name, value) for name, value in parameters.items()}
         inputs = body["inputs"]
         if not isinstance(inputs, list) or not inputs:
             raise invalid("inputs", "inputs must be a non-empty list of tensors such as {\"name\": \"prompt\", "
@@ -201,7 +203,18 @@ class KServeDoor:
             value = _text(name, value)
         if isinstance(spec.type, Number) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        return name, value, offset
+        return name, self._json_list(name, value), offset
+
+    def _json_list(self, name: str, value):
+        """A list-valued field (loras) given as a BYTES element or a string parameter: its JSON text, parsed."""
+        spec = self.contract.declared.get(name)
+        if spec is None or not isinstance(spec.type, LoraList) or not isinstance(value, str):
+            return value
+        try:
+            return json.loads(value)
+        except ValueError:
+            raise invalid(name, f"{name} must be JSON text of a list such as [{{\"name\": \"style\", \"scale\": "
+                          f"0.8}}], got {shown(value)}") from None
 
     def _requested_outputs(self, outputs, binary_default: bool) -> dict[str, bool]:
         if outputs is None:
@@ -362,7 +375,7 @@ def _datatypes_of(field_type) -> tuple[str, ...]:
         return FLOAT_TYPES + INTEGER_TYPES
     if isinstance(field_type, Boolean):
         return ("BOOL",)
-    if isinstance(field_type, (Text, Choice, ImageInput)):
+    if isinstance(field_type, (Text, Choice, ImageInput, LoraList)):  # loras: its JSON text
         return ("BYTES",)
     raise TypeError(f"no OIP datatype for {type(field_type).__name__}")
 

@@ -195,3 +195,18 @@ def test_png_output_is_bytes_of_base64_files(served_handler):
     assert (image["datatype"], image["shape"], seeds["data"]) == ("BYTES", [2], [8, 9])
     files = [Image.open(io.BytesIO(base64.b64decode(item))) for item in image["data"]]
     assert [(file.format, file.size) for file in files] == [("PNG", (64, 64))] * 2
+
+
+def test_loras_come_as_json_text_in_a_bytes_input_or_a_parameter():
+    from handler.core.capabilities import ModelCapabilities
+
+    door = kserve_api.KServeDoor(Contract(HandlerSettings(), ModelCapabilities(loras=("ink", "pastel"))),
+                                 "stable_diffusion", "1.0")
+    chosen = '[{"name": "pastel", "scale": 0.5}, {"name": "ink"}]'
+    as_input = door.read(*v2_row([tensor("prompt", "BYTES", "a"), tensor("loras", "BYTES", chosen)]))
+    as_parameter = door.read(*v2_row([tensor("prompt", "BYTES", "a")], {"loras": chosen}))
+    assert as_input.requests[0].generation.loras == as_parameter.requests[0].generation.loras == (
+        ("ink", 1.0), ("pastel", 0.5))
+    unknown = door.read(*v2_row([tensor("prompt", "BYTES", "a")], {"loras": '[{"name": "oil"}]'})).failure
+    assert unknown.field == "loras" and "oil" in unknown.message
+    assert door.read(*v2_row([tensor("prompt", "BYTES", "a")], {"loras": "[oops"})).failure.field == "loras"
