@@ -34,5 +34,6 @@ setup(
         "compel",
         "sentencepiece",
     ],
-    extras_require={"test": ["pytest", "hypothesis", "hypothesis-jsonschema", "jsonschema", "openai"]},
+    extras_require={"test": ["pytest", "hypothesis", "hypothesis-jsonschema", "jsonschema", "openai",
+                             "tritonclient[http]", "kubernetes-validate"]},
 )

@@ -1,10 +1,10 @@
 """TorchServe entry point: adapts TorchServe's context, rows and headers to the generation core.
 
 Everything that decides something (the contract, grouping, generation, encoding) lives in ``handler/core``,
-which does not import TorchServe. Two doors read bodies and headers and shape answers: ``handler/wire.py``
-(the native API) and ``handler/openai_api.py`` (the OpenAI Images API, chosen per request by the ``url_path``
-header). This class only wires them to TorchServe: per-request statuses, content types and headers, the
-describe API.
+which does not import TorchServe. Three doors read bodies and headers and shape answers: ``handler/wire.py``
+(the native API), ``handler/openai_api.py`` (the OpenAI Images API, chosen per request by the ``url_path``
+header) and ``handler/kserve_api.py`` (KServe v1 and v2, for requests without ``url_path``, by their body).
+This class only wires them to TorchServe: per-request statuses, content types and headers, the describe API.
 """
 
 import json
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
-from handler import openai_api, wire
+from handler import kserve_api, openai_api, wire
 from handler.core.capabilities import capabilities_of
 from handler.core.contract import ClientRequest, Contract, GenerationRequest
 from handler.core.encoding import encode_images, result_document
@@ -50,6 +50,7 @@ class StableDiffusionHandler(BaseHandler):
         self.metrics = None
         self.openai = None
         self.translator = None
+        self.kserve = None
 
     def initialize(self, context):
         started = time.perf_counter()
@@ -80,6 +81,8 @@ class StableDiffusionHandler(BaseHandler):
                                                    loras=loras.names if loras is not None else ()))
         self.openai = openai_api.OpenAIDoor(self.contract, context.model_name,
                                             openai_api.archive_created(context.manifest))
+        self.kserve = kserve_api.KServeDoor(self.contract, context.model_name,
+                                            ((context.manifest or {}).get("model") or {}).get("modelVersion"))
         if self.settings.warmup:
             self.engine.warm_up(self.settings.default_width, self.settings.default_height)
         self.initialized = True
@@ -113,9 +116,15 @@ class StableDiffusionHandler(BaseHandler):
         return [self._read(index, row) for index, row in enumerate(data)]
 
     def inference(self, data, *args, **kwargs):
+        """Generate for the whole batch at once; a KServe v1 request brings one generation per instance."""
         started = time.perf_counter()
-        work = [item.generation if isinstance(item, ClientRequest) else
-                item.work() if isinstance(item, openai_api.OpenAICall) else item for item in data]
+        work, owner = [], []  # owner[k]: the index in the batch of the request that work[k] belongs to
+        for index, item in enumerate(data):
+            items = item.work() if isinstance(item, kserve_api.KServeCall) else [
+                item.generation if isinstance(item, ClientRequest) else
+                item.work() if isinstance(item, openai_api.OpenAICall) else item]
+            work.extend(items)
+            owner.extend([index] * len(items))
         if self.translator is not None:
             work = self.translator.apply(work)
         logger.info("worker %d generating for %d request(s)", os.getpid(),
@@ -124,11 +133,17 @@ class StableDiffusionHandler(BaseHandler):
                    if isinstance(item, ClientRequest) and item.stream}
         sender = StreamSender(self.context, self.metrics, streams) if streams else None
         with torch.inference_mode():
-            outcomes = self.engine.generate(work, on_progress=sender, received=started)
+            outcomes = self.engine.generate(
+                work, on_progress=(lambda position, progress: sender(owner[position], progress)) if sender else None,
+                received=started)
         images = sum(len(outcome.images) for outcome in outcomes if isinstance(outcome, GenerationResult))
         logger.info("worker %d generated %d image(s) for %d request(s) in %.2f s", os.getpid(), images, len(data),
                     time.perf_counter() - started)
-        return list(zip(outcomes, data))
+        per_request = [[] for _ in data]
+        for position, outcome in enumerate(outcomes):
+            per_request[owner[position]].append(outcome)
+        return [(outcome if isinstance(item, kserve_api.KServeCall) else outcome[0], item)
+                for outcome, item in zip(per_request, data)]
 
     def postprocess(self, data):
         return [self._respond(index, outcome, item) for index, (outcome, item) in enumerate(data)]
@@ -140,6 +155,8 @@ class StableDiffusionHandler(BaseHandler):
         """
         if isinstance(item, openai_api.OpenAICall):
             return self._respond_openai(index, outcome, item)
+        if isinstance(item, kserve_api.KServeCall):
+            return self._respond_kserve(index, outcome, item)
         stream = isinstance(item, ClientRequest) and item.stream
         if stream:
             self.context.set_response_content_type(index, wire.STREAM_CONTENT_TYPE)
@@ -177,6 +194,22 @@ class StableDiffusionHandler(BaseHandler):
             self.metrics.encoded(time.perf_counter() - started)
         elif call.failure is not None or isinstance(outcome, Rejection):
             self._count_rejection(call.failure or outcome)
+        return self._send(index, reply)
+
+    def _respond_kserve(self, index: int, outcomes: list, call: "kserve_api.KServeCall") -> bytes:
+        started = time.perf_counter()
+        reply = self.kserve.respond(call, outcomes)
+        if reply.status == 200:
+            flagged = sum(sum(outcome.nsfw) for outcome in outcomes if outcome.nsfw)
+            if flagged:
+                self.metrics.flagged_images(flagged)
+            self.metrics.encoded(time.perf_counter() - started)
+        else:
+            self._count_rejection(call.failure or next(o for o in outcomes if isinstance(o, Rejection)))
+        return self._send(index, reply)
+
+    def _send(self, index: int, reply: "openai_api.Reply") -> bytes:
+        """A door's answer through TorchServe: its status, content type, headers and body."""
         if reply.status != 200:
             self.context.set_response_status(reply.status, HTTPStatus(reply.status).phrase, index)
         self.context.set_response_content_type(index, reply.content_type)
@@ -194,13 +227,14 @@ class StableDiffusionHandler(BaseHandler):
         self.metrics.pipeline_call(seconds)
 
     def _read(self, index, row):
-        """One request row -> a ClientRequest or an OpenAICall (by its url_path), or the Rejection that answers it."""
+        """One request row -> a ClientRequest, an OpenAICall (by its url_path) or a KServeCall (no url_path, a KServe
+        body), or the Rejection that answers it."""
         headers = self.context.get_all_request_header(index) or {}
         route = openai_api.route_of(headers)
         try:
             if route is not None:
                 return self.openai.read(route, row, headers)
-            return wire.read_request(self.contract, row, headers)
+            return self.kserve.read(row, headers) or wire.read_request(self.contract, row, headers)
         except Rejection as rejection:
             logger.info("rejected request %d: %s", index, rejection.message)
             failure = rejection

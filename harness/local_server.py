@@ -114,14 +114,22 @@ class LocalTorchServe:
         path.write_text("".join(f"{key}={value}\n" for key, value in properties.items()))
         return path
 
-    def start(self, timeout: float = 180.0) -> None:
-        """Start TorchServe and wait until every model has a READY worker."""
+    def launch(self) -> None:
+        """Start TorchServe and return at once, while its frontend comes up and its workers load."""
         config = self.write_config()
         models = ",".join(f"{name}={archive}" for name, archive in self.models.items())
         command = [shutil.which("torchserve", path=self.environment()["PATH"]), "--start", "--ncs",
                    "--ts-config", str(config), "--model-store", str(self.model_store), "--models", models]
         with open(self.folder / "torchserve.out", "ab") as output:
             subprocess.run(command, cwd=self.folder, env=self.environment(), stdout=output, stderr=output, check=True)
+
+    def start(self, timeout: float = 180.0) -> None:
+        """Start TorchServe and wait until every model has a READY worker."""
+        self.launch()
+        self.wait_until_ready(timeout)
+
+    def wait_until_ready(self, timeout: float = 180.0) -> None:
+        """Wait until every model of a launched server has a READY worker; stop the server if it never does."""
         deadline = time.monotonic() + timeout
         try:
             while time.monotonic() < deadline:

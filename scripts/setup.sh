@@ -25,6 +25,17 @@ if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
   exit 1
 fi
 
+# nginx: the load balancer of scripts/multinode.sh and of its serving test (which fails without it).
+if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing Debian's nginx (the load balancer of scripts/multinode.sh)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx
+  else
+    echo "setup: WARNING: nginx is missing and cannot be installed here (needs root and apt-get);" \
+         "tests/test_serving_multinode.py will fail until it is installed (Debian/Ubuntu: apt-get install nginx)" >&2
+  fi
+fi
+
 stamp=.venv/.installed
 if [ -f "$stamp" ] && [ "$stamp" -nt constraints.txt ] && [ "$stamp" -nt setup.py ]; then
   echo "setup: .venv is up to date"

@@ -1,0 +1,89 @@
+"""The Kubernetes probes (deploy/probe.py) against a real TorchServe with token authorization on.
+
+The worker is frozen (SIGSTOP) as soon as it exists, seconds before it can have imported torch, so the test
+holds the server in the state a probe must see as "alive, not ready" for as long as it needs; then it lets the
+worker load and warm up and waits for readiness.
+"""
+
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import requests
+
+from helpers import MODEL, REPO_ROOT, log_offset, wait_for_log
+
+pytestmark = pytest.mark.serving
+
+PROBE = REPO_ROOT / "deploy" / "probe.py"
+
+
+def probe(server, check: str) -> tuple[int, str]:
+    """Run the probe as the kubelet would: a fresh process in the server's folder."""
+    done = subprocess.run([sys.executable, str(PROBE), check, "--url", server.inference_url, "--management-url",
+                           server.management_url, "--key-file", str(server.folder / "key_file.json"),
+                           "--model", MODEL, "--timeout", "3"], capture_output=True, text=True, timeout=60)
+    return done.returncode, done.stdout.strip()
+
+
+def wait_until(condition, what: str, timeout: float = 180):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what} did not happen in {timeout} s"
+        time.sleep(0.05)
+
+
+def worker_process(server):
+    """The model's worker process, once TorchServe has started it (None before)."""
+    server.pid = server._read_pid()
+    for process in server.processes():
+        try:
+            if any("model_service_worker" in part for part in process.cmdline()):
+                return process
+        except psutil.NoSuchProcess:
+            pass
+    return None
+
+
+@pytest.fixture
+def launched(tiny_mar, tmp_path):
+    from harness.local_server import LocalTorchServe
+
+    server = LocalTorchServe(tmp_path / "server", tiny_mar.parent, {MODEL: tiny_mar.name})
+    yield server
+    for process in server.processes():
+        try:
+            process.send_signal(signal.SIGCONT)
+        except psutil.NoSuchProcess:
+            pass
+    server.stop()
+
+
+def test_live_at_once_ready_only_after_the_worker_loaded_and_warmed_up(launched):
+    server = launched
+    assert probe(server, "live")[0] == 1 and probe(server, "ready")[0] == 1  # nothing is listening yet
+
+    server.launch()
+    worker = wait_until(lambda: worker_process(server), "a worker process")
+    worker.send_signal(signal.SIGSTOP)
+    offset = log_offset(server)
+    assert server.ready_workers(MODEL) == 0
+
+    wait_until(lambda: probe(server, "live")[0] == 0, "the frontend answering")
+    status, said = probe(server, "live")
+    assert "answered /ping (400)" in said  # asked without a key: the refusal is the sign of life
+    status, said = probe(server, "ready")
+    assert status == 1 and "no READY worker" in said, said
+    assert requests.get(f"{server.inference_url}/ping", timeout=5).status_code == 400  # auth is still on
+
+    worker.send_signal(signal.SIGCONT)
+    wait_until(lambda: probe(server, "ready")[0] == 0, "readiness", timeout=300)
+    assert server.ready_workers(MODEL) >= 1
+    wait_for_log(server, r"warm-up generation took", offset)
+    assert probe(server, "live")[0] == 0
