@@ -30,6 +30,7 @@ setup(
         "psutil",
         "requests",
         "tqdm",
+        "peft",
         "compel",
         "sentencepiece",
     ],
