@@ -26,8 +26,10 @@ from handler.core.generation import GenerationEngine, GenerationResult
 from handler.core.settings import HandlerSettings
 from handler.metrics import ServiceMetrics
 from handler.streaming import StreamSender
-from handler.model.device import WorkerRegistry, available_cores, choose_placement, threads_per_worker
+from handler.model.device import (WorkerRegistry, available_cores, choose_placement, select_device,
+                                  threads_per_worker)
 from handler.model.loading import load_pipeline
+from handler.model.optimizations import compiled_graphs, warmup_buckets
 from handler.model.pipeline_files import locate_pipeline
 from handler.model.pipeline_index import pipeline_class_name
 
@@ -45,6 +47,7 @@ class StableDiffusionHandler(BaseHandler):
         self.registry = None
         self.metrics = None
         self.openai = None
+        self.fixed_threads = False
 
     def initialize(self, context):
         started = time.perf_counter()
@@ -57,19 +60,28 @@ class StableDiffusionHandler(BaseHandler):
         self.settings = HandlerSettings.from_mapping(model_config.get("handler"))
         self.registry = WorkerRegistry.for_model(model_dir)
         self.registry.register(os.getpid())
-        self._set_thread_count()
         folder = locate_pipeline(model_dir)
         placement = choose_placement(self.settings, torch.cuda.is_available(), properties.get("gpu_id"),
                                      pipeline_class_name(folder))
+        select_device(placement)
+        # A compiled graph guards on the thread count, and on CUDA the count barely matters: fix it once.
+        self.fixed_threads = self.settings.torch_compile or placement.device.startswith("cuda")
+        self._set_thread_count(force=True)
         pipeline = load_pipeline(folder, placement, self.settings)
         self.metrics = ServiceMetrics(context.metrics, context.model_name)
+        buckets = warmup_buckets(self.settings)
+        cuda_graphs = self.settings.torch_compile and self.settings.compile_mode == "reduce-overhead"
         self.engine = GenerationEngine(pipeline, self.settings.max_batch_pixels, on_call=self._record_call,
-                                       safety_checker=self.settings.safety_checker)
+                                       safety_checker=self.settings.safety_checker,
+                                       call_shapes=frozenset(buckets) if cuda_graphs else None)
         self.contract = Contract(self.settings, capabilities_of(pipeline, self.engine.tasks))
         self.openai = openai_api.OpenAIDoor(self.contract, context.model_name,
                                             openai_api.archive_created(context.manifest))
         if self.settings.warmup:
-            self.engine.warm_up(self.settings.default_width, self.settings.default_height)
+            self.engine.warm_up(buckets)
+            if self.settings.torch_compile or self.settings.compile_vae:
+                logger.info("torch.compile compiled %d graph(s) during warm-up at %s", compiled_graphs(),
+                            ", ".join(f"{w}x{h}x{n}" for w, h, n in buckets))
         self.initialized = True
         logger.info("worker %d ready in %.2f s (%d torch threads)", os.getpid(), time.perf_counter() - started,
                     torch.get_num_threads())
@@ -193,8 +205,11 @@ class StableDiffusionHandler(BaseHandler):
                                 "details")
         return failure if route is None else openai_api.OpenAICall(route, failure=failure)
 
-    def _set_thread_count(self):
-        """Give this worker an even share of the cores, re-counted as workers are scaled up or down."""
+    def _set_thread_count(self, force: bool = False):
+        """Give this worker an even share of the cores, re-counted as workers are scaled up or down (unless
+        the count is fixed at load: compiled graphs recompile when it changes)."""
+        if self.fixed_threads and not force:
+            return
         threads = threads_per_worker(available_cores(), self.registry.live_count(), self.settings.torch_threads)
         if threads != torch.get_num_threads():
             torch.set_num_threads(threads)
