@@ -31,5 +31,9 @@ setup(
         "requests",
         "tqdm",
     ],
-    extras_require={"test": ["pytest", "hypothesis", "hypothesis-jsonschema", "jsonschema", "openai"]},
+    extras_require={
+        "test": ["pytest", "hypothesis", "hypothesis-jsonschema", "jsonschema", "openai", "torchao"],
+        "quantization": ["torchao"],  # the quantization preset
+        "openvino": ["openvino"],  # compile_backend: openvino, for Intel CPUs
+    },
 )

@@ -5,7 +5,10 @@ Where a test stands in for a GPU-only event (an out-of-memory error, a CUDA grap
 torch.cuda.set_device), it says so and why the stand-in behaves like the real thing.
 """
 
+import json
 import os
+import subprocess
+import sys
 import weakref
 
 import numpy as np
@@ -13,6 +16,7 @@ import pytest
 import torch
 from torch._dynamo import register_backend
 
+from conftest import REPO_ROOT
 from handler import wire
 from handler.core.contract import GenerationRequest
 from handler.core.failures import INVALID_FIELD, OUT_OF_MEMORY
@@ -218,3 +222,62 @@ def test_calls_are_bounded_to_the_recorded_shapes(tiny_pipeline):
     warmed, other = generate(engine, request(steps=1), request(width=96, steps=1))
     assert warmed.images.shape == (1, 64, 64, 3)
     assert other.reason == INVALID_FIELD and other.field == "width" and "64x64 with 1 image(s)" in other.message
+
+
+# --- presets ----------------------------------------------------------------------------------------------------
+
+
+def images_of(pipeline) -> np.ndarray:
+    return generate(GenerationEngine(pipeline, 10**7), request(images=2))[0].images.astype(int)
+
+
+def test_fused_qkv_and_int8_weights_keep_the_images(tiny_pipeline_dir, tiny_pipeline):
+    from torchao.quantization import Int8Tensor
+
+    plain = images_of(tiny_pipeline)
+    fused = load_pipeline(tiny_pipeline_dir, CPU, HandlerSettings(fuse_qkv=True))
+    assert all(module.fused_projections for module in fused.unet.modules() if hasattr(module, "fused_projections"))
+    assert np.abs(images_of(fused) - plain).max() <= 2
+    quantized = load_pipeline(tiny_pipeline_dir, CPU, HandlerSettings(quantization="int8wo"))
+    assert isinstance(quantized.unet.time_embedding.linear_1.weight, Int8Tensor)
+    assert np.abs(images_of(quantized) - plain).max() <= 8  # int8 weights: close, not equal
+
+
+def test_step_cache_runs_on_flux_and_is_refused_elsewhere(family_dirs, tiny_pipeline_dir):
+    cached = load_pipeline(family_dirs / "flux", CPU, HandlerSettings(step_cache_threshold=0.1))
+    assert images_of(cached).shape == (2, 64, 64, 3)
+    for folder in (family_dirs / "sd3", tiny_pipeline_dir):
+        with pytest.raises(SettingsError, match="step_cache_threshold is available for FluxPipeline only"):
+            load_pipeline(folder, CPU, HandlerSettings(step_cache_threshold=0.1))
+
+
+def test_presets_that_cannot_apply_fail_the_load_with_the_reason(tiny_pipeline_dir, monkeypatch):
+    with pytest.raises(SettingsError, match="tf32 needs CUDA"):
+        load_pipeline(tiny_pipeline_dir, CPU, HandlerSettings(tf32=True))
+    with pytest.raises(SettingsError, match="quantization: fp8 needs a CUDA GPU"):
+        load_pipeline(tiny_pipeline_dir, CPU, HandlerSettings(quantization="fp8"))
+    with pytest.raises(SettingsError, match="not a torch.compile backend"):
+        load_pipeline(tiny_pipeline_dir, CPU, HandlerSettings(torch_compile=True, compile_backend="nonesuch"))
+    # The optional packages made absent: a None entry in sys.modules makes their import fail as if missing.
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)
+    monkeypatch.setitem(sys.modules, "openvino.torch", None)
+    with pytest.raises(SettingsError, match="needs the torchao package"):
+        load_pipeline(tiny_pipeline_dir, CPU, HandlerSettings(quantization="int8wo"))
+    with pytest.raises(SettingsError, match="needs the openvino package"):
+        load_pipeline(tiny_pipeline_dir, CPU, HandlerSettings(torch_compile=True, compile_backend="openvino"))
+
+
+def test_gpu_check_dry_run_reports_every_check(tmp_path):
+    output = tmp_path / "gpu_check.json"
+    completed = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--families", "sdxl", "flux",
+                                "--output", str(output)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    rows = {(row["group"], row["metric"]): row["value"] for row in json.loads(output.read_text())["rows"]}
+    assert not [key for key in rows if "failed" in key[1]]
+    for family in ("sdxl", "flux"):
+        assert rows[(family, "compile: compiles after warm-up")] == 0
+        assert rows[(family, "eager: largest pixel difference vs CPU float32")] == 0
+    assert rows[("flux", "step cache 0.1: compiles after warm-up")] == 0
+    assert [rows[("sdxl OOM", metric)] for metric in ("first request answered out_of_memory", "next request succeeded",
+                                                      "VAE back in float16")] == [1, 1, 1]
+    assert "| sdxl OOM |" in completed.stdout

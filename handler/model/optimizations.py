@@ -14,8 +14,9 @@ from handler.core.settings import HandlerSettings, SettingsError, parse_bucket
 
 logger = logging.getLogger(__name__)
 
-# Pipelines whose denoiser is a transformer with a first block the step cache can watch.
-STEP_CACHE_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")
+# Pipelines whose transformer has diffusers' cache hooks and whose call sets their cache context: in diffusers
+# 0.42 Flux only (SD3's pipeline runs its transformer outside any cache context, so the hook cannot run).
+STEP_CACHE_PIPELINES = ("FluxPipeline",)
 # torch.compile backends that live in an optional package, registered when it is imported.
 BACKEND_MODULES = {"openvino": "openvino.torch"}
 
@@ -86,12 +87,12 @@ def enable_step_cache(pipeline, threshold: float) -> None:
 
     It trades quality for speed: images differ from the uncached ones, more as the threshold grows.
     """
-    from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+    from diffusers.hooks import FirstBlockCacheConfig
 
     if type(pipeline).__name__ not in STEP_CACHE_PIPELINES:
-        raise SettingsError(f"step_cache_threshold is for {', '.join(STEP_CACHE_PIPELINES)}; "
-                            f"{type(pipeline).__name__} has no first-block cache")
-    apply_first_block_cache(pipeline.transformer, FirstBlockCacheConfig(threshold=threshold))
+        raise SettingsError(f"step_cache_threshold is available for {', '.join(STEP_CACHE_PIPELINES)} only; "
+                            f"{type(pipeline).__name__} in this diffusers version runs no cache context")
+    pipeline.transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
 
 
 def compile_backend(settings: HandlerSettings):
