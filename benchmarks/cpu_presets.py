@@ -17,6 +17,7 @@ and OpenVINO's kernels accelerate far more than a 32-channel network shows.
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.presets import largest_difference, measure  # noqa: E402
+from benchmarks.presets import largest_difference, prepare, run_once  # noqa: E402
 from benchmarks.report import Row, markdown_table, median, write_json  # noqa: E402
 from handler.model.device import Placement  # noqa: E402
 
@@ -50,9 +51,37 @@ def cpu_flags() -> list[str]:
     return sorted(flag for flag in flags if "bf16" in flag or flag.startswith("amx"))
 
 
+def compare_at(folder: Path, side: int, steps: int, runs: int) -> list[Row]:
+    """Every preset at one size: prepared (loaded, warmed up) first, then timed in turns, round by round, so
+    that a slow spell of a shared machine hits all of them alike."""
+    group = f"{side}x{side}, {steps} steps"
+    prepared, rows = {}, []
+    for name, (dtype, values) in PRESETS.items():
+        progress(f"{group}: preparing {name}")
+        try:
+            prepared[name] = prepare(folder, Placement("cpu", dtype), values, side, side)
+        except Exception as error:  # reported, so the other presets still run
+            progress(f"{group}: {name} failed: {type(error).__name__}: {str(error)[:300]}")
+            rows.append(Row(group, f"{name}: failed ({type(error).__name__})", 1, "", n=0))
+    for round_number in range(runs):
+        progress(f"{group}: round {round_number + 1}/{runs}")
+        for measured in prepared.values():
+            run_once(measured, side, side, steps)
+    baseline = prepared["float32 eager"]
+    for name, measured in prepared.items():
+        latency = median(measured.seconds)
+        rows[len(rows):] = [
+            Row(group, f"{name}: latency", latency, "s", n=runs, samples=measured.seconds),
+            Row(group, f"{name}: speed-up vs float32 eager", median(baseline.seconds) / latency, "x", n=runs),
+            Row(group, f"{name}: load + warm-up", measured.load_seconds + measured.warmup_seconds, "s", n=1),
+            Row(group, f"{name}: largest pixel difference vs float32 eager",
+                largest_difference(measured.images, baseline.images), "levels", n=1),
+        ]
+    return rows
+
+
 def main(argv=None) -> int:
     from builder.tiny_pipeline import build_tiny_pipeline
-    import tempfile
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -66,26 +95,7 @@ def main(argv=None) -> int:
         folder = Path(scratch) / "sd1"
         build_tiny_pipeline(folder, "sd1")
         for side, steps in sizes:
-            group = f"{side}x{side}, {steps} steps"
-            baseline = None
-            for name, (dtype, values) in PRESETS.items():
-                progress(f"{group}: {name}")
-                torch._dynamo.reset()
-                try:
-                    measured = measure(folder, Placement("cpu", dtype), values, side, side, steps, runs)
-                except Exception as error:
-                    progress(f"{name} failed: {type(error).__name__}: {error}")
-                    rows.append(Row(group, f"{name}: failed ({type(error).__name__})", 1, "", n=0))
-                    continue
-                latency = median(measured.seconds)
-                baseline = baseline or (latency, measured.images)
-                rows += [
-                    Row(group, f"{name}: latency", latency, "s", n=runs, samples=measured.seconds),
-                    Row(group, f"{name}: speed-up vs float32 eager", baseline[0] / latency, "x", n=runs),
-                    Row(group, f"{name}: load + warm-up", measured.load_seconds + measured.warmup_seconds, "s", n=1),
-                    Row(group, f"{name}: largest pixel difference vs float32 eager",
-                        largest_difference(measured.images, baseline[1]), "levels", n=1),
-                ]
+            rows += compare_at(folder, side, steps, runs)
     context = {"cpu_flags": cpu_flags(), "threads": torch.get_num_threads(), "torch": torch.__version__}
     print(f"\nCPU flags {context['cpu_flags']}, {context['threads']} threads\n")
     print(markdown_table(rows))

@@ -30,6 +30,7 @@ class Measured:
     compiles_after_warmup: int  # graphs compiled by the timed runs: 0 when the warm-up covered them
     peak_memory_bytes: int = 0  # CUDA only
     engine: GenerationEngine = field(repr=False, default=None)
+    placement: Placement = None
 
 
 def generation(width: int, height: int, steps: int, images: int = 1) -> GenerationRequest:
@@ -38,33 +39,47 @@ def generation(width: int, height: int, steps: int, images: int = 1) -> Generati
                              seeds=tuple(range(images)), scheduler=None)
 
 
-def measure(folder: Path, placement: Placement, values: dict, width: int, height: int, steps: int,
-            runs: int) -> Measured:
-    """Load ``folder`` with the handler settings ``values``, warm up at (width, height) and time ``runs``
-    generations of ``steps`` steps, in inference mode as the handler runs them."""
+def prepare(folder: Path, placement: Placement, values: dict, width: int, height: int) -> Measured:
+    """Load ``folder`` with the handler settings ``values`` and warm up at (width, height), as a worker does;
+    the result has no timed runs yet."""
     settings = HandlerSettings.from_mapping({"compile_warmup_sizes": [f"{width}x{height}"], **values})
-    on_cuda = placement.device.startswith("cuda")
     started = time.perf_counter()
     engine = GenerationEngine(load_pipeline(folder, placement, settings), 10**9)
     loaded = time.perf_counter()
     engine.warm_up([(width, height, 1)])
     warmed = time.perf_counter()
-    compiled = compiled_graphs()
+    return Measured(np.zeros(0), [], loaded - started, warmed - loaded, -compiled_graphs(), engine=engine,
+                    placement=placement)
+
+
+def run_once(measured: Measured, width: int, height: int, steps: int) -> None:
+    """Time one generation (in inference mode, as the handler runs it) and keep its images."""
+    device = measured.placement.device
+    started = time.perf_counter()
+    with torch.inference_mode():
+        outcome = measured.engine.generate([generation(width, height, steps)])[0]
+    if not hasattr(outcome, "images"):
+        raise RuntimeError(f"generation failed: {outcome}")
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+    measured.seconds.append(time.perf_counter() - started)
+    measured.images = outcome.images
+
+
+def measure(folder: Path, placement: Placement, values: dict, width: int, height: int, steps: int,
+            runs: int) -> Measured:
+    """Prepare a preset and time ``runs`` generations of ``steps`` steps; count the graphs compiled after
+    the warm-up and, on CUDA, the peak memory of the timed runs."""
+    measured = prepare(folder, placement, values, width, height)
+    measured.compiles_after_warmup = compiled_graphs()
+    on_cuda = placement.device.startswith("cuda")
     if on_cuda:
         torch.cuda.reset_peak_memory_stats(placement.device)
-    seconds = []
     for _ in range(runs):
-        run_started = time.perf_counter()
-        with torch.inference_mode():
-            outcome = engine.generate([generation(width, height, steps)])[0]
-        if not hasattr(outcome, "images"):
-            raise RuntimeError(f"generation failed: {outcome}")
-        if on_cuda:
-            torch.cuda.synchronize(placement.device)
-        seconds.append(time.perf_counter() - run_started)
-    peak = torch.cuda.max_memory_allocated(placement.device) if on_cuda else 0
-    return Measured(outcome.images, seconds, loaded - started, warmed - loaded, compiled_graphs() - compiled,
-                    peak, engine)
+        run_once(measured, width, height, steps)
+    measured.compiles_after_warmup = compiled_graphs() - measured.compiles_after_warmup
+    measured.peak_memory_bytes = torch.cuda.max_memory_allocated(placement.device) if on_cuda else 0
+    return measured
 
 
 def largest_difference(images: np.ndarray, reference: np.ndarray) -> int:
