@@ -143,7 +143,7 @@ class GenerationEngine:
         shape = (first.width, first.height, sum(request.num_images for request in group))
         if self.call_shapes is not None and shape not in self.call_shapes:
             if len(group) > 1:
-                return [outcome for member in batch for outcome in self._run_group([member], on_progress, received)]
+                return self._each_alone(batch, on_progress, received)
             shown = ", ".join(f"{w}x{h} with {n} image(s)" for w, h, n in sorted(self.call_shapes))
             return [Rejection(INVALID_FIELD, f"this model serves only the shapes it recorded CUDA graphs for: "
                               f"{shown}; got {shape[0]}x{shape[1]} with {shape[2]} image(s)", field="width")]
@@ -166,7 +166,7 @@ class GenerationEngine:
         # Recovery runs here, after the except block: until then the error's traceback keeps the failed call's
         # frames, and with them its activations, alive.
         if run_alone:  # one request's input may have broken the shared call: run each alone so only it fails
-            return [outcome for member in batch for outcome in self._run_group([member], on_progress, received)]
+            return self._each_alone(batch, on_progress, received)
         if failure is not None:
             if failure.reason == OUT_OF_MEMORY:
                 self._free_memory()
@@ -185,6 +185,9 @@ class GenerationEngine:
                                             request.scheduler or self._default_scheduler))
             offset += count
         return results
+
+    def _each_alone(self, batch: list[tuple[int, GenerationRequest]], on_progress, received: float) -> list:
+        return [outcome for member in batch for outcome in self._run_group([member], on_progress, received)]
 
     def _failure(self, error: Exception, group: list[GenerationRequest]) -> Rejection:
         """What a failed pipeline call gives its requests: out of memory, or an internal error."""
