@@ -30,6 +30,7 @@ setup(
         "psutil",
         "requests",
         "tqdm",
+        "peft",
     ],
     extras_require={
         "test": ["pytest", "hypothesis", "hypothesis-jsonschema", "jsonschema", "openai", "torchao"],

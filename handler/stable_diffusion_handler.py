@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import replace
 from http import HTTPStatus
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from handler.core.generation import GenerationEngine, GenerationResult
 from handler.core.settings import HandlerSettings
 from handler.metrics import ServiceMetrics
 from handler.streaming import StreamSender
+from handler.model.adapters import find_loras, serve_loras
 from handler.model.device import (WorkerRegistry, available_cores, choose_placement, select_device,
                                   threads_per_worker)
 from handler.model.loading import load_pipeline
@@ -67,14 +69,19 @@ class StableDiffusionHandler(BaseHandler):
         # A compiled graph guards on the thread count, and on CUDA the count barely matters: fix it once.
         self.fixed_threads = self.settings.torch_compile or placement.device.startswith("cuda")
         self._set_thread_count(force=True)
-        pipeline = load_pipeline(folder, placement, self.settings)
+        settings, lora_files = self.settings, find_loras(model_dir, self.settings.lora_dir)
+        prepared = {}  # the LoraAdapters, made as the pipeline loads: hot-swap slots must exist before compiling
+        pipeline = load_pipeline(folder, placement, settings, prepare=lambda loaded: prepared.update(loras=serve_loras(
+            loaded, lora_files, settings.max_loras, settings.max_loaded_loras, hotswap=settings.torch_compile)))
+        loras = prepared["loras"]
         self.metrics = ServiceMetrics(context.metrics, context.model_name)
-        buckets = warmup_buckets(self.settings)
-        cuda_graphs = self.settings.torch_compile and self.settings.compile_mode == "reduce-overhead"
-        self.engine = GenerationEngine(pipeline, self.settings.max_batch_pixels, on_call=self._record_call,
-                                       safety_checker=self.settings.safety_checker,
+        buckets = warmup_buckets(settings)
+        cuda_graphs = settings.torch_compile and settings.compile_mode == "reduce-overhead"
+        self.engine = GenerationEngine(pipeline, settings.max_batch_pixels, on_call=self._record_call,
+                                       safety_checker=settings.safety_checker, loras=loras,
                                        call_shapes=frozenset(buckets) if cuda_graphs else None)
-        self.contract = Contract(self.settings, capabilities_of(pipeline, self.engine.tasks))
+        self.contract = Contract(settings, replace(capabilities_of(pipeline, self.engine.tasks),
+                                                   loras=loras.names if loras is not None else ()))
         self.openai = openai_api.OpenAIDoor(self.contract, context.model_name,
                                             openai_api.archive_created(context.manifest))
         if self.settings.warmup:

@@ -12,6 +12,7 @@ means. ``Contract`` binds those declarations to one loaded model and derives fro
 Nothing here knows HTTP or TorchServe: a door (``handler/wire.py``) turns its body into a mapping of fields.
 """
 
+import json
 import math
 import secrets
 from dataclasses import dataclass, field, replace
@@ -21,12 +22,13 @@ from PIL import Image
 
 from handler.core.capabilities import IMAGE_TO_IMAGE, INPAINTING, TEXT_TO_IMAGE, ModelCapabilities
 from handler.core.encoding import OUTPUT_FORMATS, SINGLE_IMAGE_FORMATS
-from handler.core.failures import MAX_SHOWN, MISSING_PROMPT, UNKNOWN_FIELD, UNSUPPORTED_TASK, invalid, shown
+from handler.core.failures import MAX_SHOWN, Rejection, MISSING_PROMPT, UNKNOWN_FIELD, UNSUPPORTED_TASK, invalid, shown
 from handler.core.images import decode_image
 from handler.core.settings import HandlerSettings, SettingsError
 
 MAX_SEED = 2**63 - 1  # torch.Generator seeds are 64-bit; JSON clients keep them as signed integers
 MAX_UNKNOWN_SHOWN = 5
+LORA_SCALE_MIN, LORA_SCALE_MAX, LORA_SCALE_DEFAULT = -2.0, 2.0, 1.0  # negative scales steer away ("sliders")
 STREAM_DEFAULT_FORMAT = "png"
 
 
@@ -205,7 +207,57 @@ class ImageInput:
         return {"type": "string", "minLength": 1, "contentEncoding": "base64"}
 
 
-FieldType = Union[Text, Integer, Number, Choice, Boolean, ImageInput]
+@dataclass(frozen=True)
+class LoraList:
+    """LoRA adapters by name, each with a scale: ``[{"name": "...", "scale": 0.8}]`` (in a form: that JSON).
+
+    Read into (name, scale) pairs sorted by name, so two requests naming the same set in another order share a
+    pipeline call. Names only: the files are the model's (handler/model/adapters.py).
+    """
+
+    max_items: Bound
+    names: Bound
+    scale: Number = Number(LORA_SCALE_MIN, LORA_SCALE_MAX)
+
+    def rule(self) -> str:
+        return (f"at most {self.max_items} of {{\"name\": one of the model's LoRAs, \"scale\": {self.scale.rule()} "
+                f"(default {LORA_SCALE_DEFAULT:g})}}")
+
+    def read(self, name: str, value, from_form: bool) -> tuple[tuple[str, float], ...]:
+        if from_form and isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise invalid(name, f"{name} must be a JSON list of {{\"name\", \"scale\"}} objects, got "
+                              f"{shown(value)}") from None
+        if not isinstance(value, list) or len(value) > self.max_items:
+            raise invalid(name, f"{name} must be a list of {self.rule()}, got {shown(value)}")
+        chosen = {}
+        for index, item in enumerate(value):
+            where = f"{name}[{index}]"
+            if not isinstance(item, dict) or "name" not in item or set(item) - {"name", "scale"}:
+                raise invalid(name, f"{where} must be an object with a name and optionally a scale, got "
+                              f"{shown(item)}")
+            adapter = item["name"]
+            if not isinstance(adapter, str) or adapter not in self.names:
+                raise invalid(name, f"{where}.name {shown(adapter)} is not a LoRA of this model; available: "
+                              f"{list(self.names)}")
+            if adapter in chosen:
+                raise invalid(name, f"{where}.name {adapter} is named twice; give each LoRA once")
+            try:
+                chosen[adapter] = self.scale.read(f"{where}.scale", item.get("scale", LORA_SCALE_DEFAULT), False)
+            except Rejection as rejection:  # the same message, on the field the request named
+                raise invalid(name, rejection.message) from None
+        return tuple(sorted(chosen.items()))
+
+    def schema(self) -> dict:
+        adapter = {"type": "object", "required": ["name"], "additionalProperties": False,
+                   "properties": {"name": {"type": "string", "enum": list(self.names)},
+                                  "scale": {**self.scale.schema(), "default": LORA_SCALE_DEFAULT}}}
+        return {"type": "array", "maxItems": self.max_items, "items": adapter}
+
+
+FieldType = Union[Text, Integer, Number, Choice, Boolean, ImageInput, LoraList]
 
 
 # --- The declaration ------------------------------------------------------------------------------------------
@@ -271,6 +323,8 @@ FIELDS: tuple[FieldSpec, ...] = (
               "mask, white = repaint: switches to inpainting", task=INPAINTING, requires=("image",)),
     FieldSpec("strength", Number(0.0, 1.0, exclusive_minimum=True), Setting("default_strength"),
               "how much to change the input image (1 ignores it)", task=IMAGE_TO_IMAGE, requires=("image",)),
+    FieldSpec("loras", LoraList(Setting("max_loras"), Capability("loras")), NONE,
+              "LoRA adapters applied together, each with its scale (0: none of its effect)", capability="loras"),
 )
 FIELD_NAMES = tuple(spec.name for spec in FIELDS)
 # Rules over several fields, which a JSON Schema cannot state; each is a 400 naming the first field.
@@ -280,7 +334,11 @@ CROSS_FIELD_RULES = {  # formatted with the settings' values
     "output_format": "png, jpeg and webp hold one image: num_images must be 1 (streams: any number); streams "
                      "carry png, jpeg or webp",
     "strength": "num_inference_steps x strength >= 1",
+    "loras": "each LoRA at most once",
 }
+# What a field whose ``capability`` the loaded pipeline lacks would need, for the refusal's message.
+CAPABILITY_NEEDS = {"negative_prompt": "negative prompts",
+                    "loras": "LoRA files (build_mar.sh --lora NAME=PATH, or the lora_dir setting)"}
 
 
 # --- Typed requests -------------------------------------------------------------------------------------------
@@ -302,6 +360,7 @@ class GenerationRequest:
     image: Optional[Image.Image] = field(default=None, compare=False)
     mask_image: Optional[Image.Image] = field(default=None, compare=False)
     strength: Optional[float] = None
+    loras: tuple[tuple[str, float], ...] = ()  # (name, scale) sorted by name; () for the base model
 
     @property
     def num_images(self) -> int:
@@ -323,7 +382,7 @@ class GenerationRequest:
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one pipeline call (a deadline stops a call: only equal ones share)."""
         return (self.task, self.width, self.height, self.num_inference_steps, self.guidance_scale,
-                self.scheduler, self.strength, self.negative_prompt is not None, self.timeout_seconds)
+                self.scheduler, self.strength, self.negative_prompt is not None, self.timeout_seconds, self.loras)
 
 
 @dataclass(frozen=True)
@@ -416,6 +475,7 @@ class Contract:
             seeds=tuple((seed + offset) % (MAX_SEED + 1) for offset in range(num_images)),
             scheduler=values.get("scheduler"), timeout_seconds=value("timeout_seconds"),
             preview_every=values.get("preview_every", 0), image=image, mask_image=mask_image, strength=strength,
+            loras=values.get("loras", ()),
         )
         return ClientRequest(generation, output_format, stream)
 
@@ -428,7 +488,7 @@ class Contract:
                           reason=UNKNOWN_FIELD)
         for name, spec in self.declared.items():
             if name not in self.fields and name in body:
-                what = f"the {spec.task} task" if spec.task else spec.capability.replace("_", " ") + "s"
+                what = f"the {spec.task} task" if spec.task else CAPABILITY_NEEDS[spec.capability]
                 offered = f"; it offers {list(self.capabilities.tasks)}" if spec.task else ""
                 raise invalid(name, f"{name} is not supported by {self.capabilities.pipeline_class}: it needs "
                               f"{what}{offered}; leave the field out", reason=UNSUPPORTED_TASK)

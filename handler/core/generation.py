@@ -52,6 +52,8 @@ class GenerationResult:
         }
         if request.strength is not None:
             parameters["strength"] = request.strength
+        if request.loras:
+            parameters["loras"] = [{"name": name, "scale": scale} for name, scale in request.loras]
         return parameters
 
 
@@ -77,9 +79,10 @@ class GenerationEngine:
 
     def __init__(self, pipeline, max_batch_pixels: int,
                  on_call: Optional[Callable[[int, int, float], None]] = None, safety_checker: bool = True,
-                 call_shapes: Optional[frozenset] = None):
+                 loras=None, call_shapes: Optional[frozenset] = None):
         """``on_call(images, pixel_steps, seconds)`` is told about every successful pipeline call (metrics).
         ``safety_checker=False`` runs a pipeline that has one without it (an operator's choice).
+        ``loras``: the LoraAdapters (handler/model/adapters.py) that switch LoRA sets per call, if any.
         ``call_shapes``, a set of (width, height, images), bounds the calls to those shapes (CUDA graphs keep
         one recording per shape, so an unbounded set of shapes would use unbounded memory)."""
         from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
@@ -88,6 +91,7 @@ class GenerationEngine:
         self.pipeline = pipeline
         self.max_batch_pixels = max_batch_pixels
         self.on_call = on_call
+        self.loras = loras
         self.call_shapes = call_shapes
         self._schedulers = SchedulerFactory(pipeline.scheduler)
         self._default_scheduler = scheduler_name_of(pipeline.scheduler)
@@ -218,6 +222,8 @@ class GenerationEngine:
         if watcher is not None and watcher.deadline is not None and time.perf_counter() > watcher.deadline:
             raise DeadlineExceeded("not started")
         first = group[0]
+        if self.loras is not None:
+            self.loras.activate(first.loras)  # the LoRA modules are shared by every task pipeline
         task_pipeline = self._task_pipelines[first.task]
         pipeline = task_pipeline.pipeline_class(**{**task_pipeline.arguments,
                                                    "scheduler": self._schedulers.create(first.scheduler)})

@@ -3,6 +3,7 @@
 import logging
 import time
 from pathlib import Path
+from typing import Callable, Optional
 
 from handler.model import optimizations
 from handler.model.device import Placement, plan_optimizations
@@ -12,9 +13,12 @@ from handler.core.settings import HandlerSettings
 logger = logging.getLogger(__name__)
 
 
-def load_pipeline(folder: Path, placement: Placement, settings: HandlerSettings = HandlerSettings()):
+def load_pipeline(folder: Path, placement: Placement, settings: HandlerSettings = HandlerSettings(),
+                  prepare: Optional[Callable] = None):
     """Load the pipeline in ``folder`` with ``local_files_only`` (a worker must never reach a hub), place it
-    and apply the speed/memory options the settings ask for."""
+    and apply the speed/memory options the settings ask for.
+
+    ``prepare(pipeline)`` runs before placing and compiling (LoRA hot-swap slots must exist before compiling)."""
     from diffusers import DiffusionPipeline
 
     started = time.perf_counter()
@@ -23,6 +27,8 @@ def load_pipeline(folder: Path, placement: Placement, settings: HandlerSettings 
         overrides.update(safety_checker=None, requires_safety_checker=False)  # skip loading its weights
     pipeline = DiffusionPipeline.from_pretrained(folder, local_files_only=True, dtype=placement.dtype,
                                                  variant=settings.variant or None, **overrides)
+    if prepare is not None:
+        prepare(pipeline)
     steps = plan_optimizations(settings, placement)
     for step in steps:
         apply_optimization(pipeline, step, placement, settings)

@@ -27,10 +27,6 @@ def denoiser(pipeline):
     return unet if unet is not None else pipeline.transformer
 
 
-def denoiser_name(pipeline) -> str:
-    return "unet" if getattr(pipeline, "unet", None) is not None else "transformer"
-
-
 def warmup_buckets(settings: HandlerSettings) -> list[tuple[int, int, int]]:
     """The (width, height, images) shapes the warm-up generates: the operator's list, else the default size."""
     buckets = [parse_bucket(entry) for entry in settings.compile_warmup_sizes]
@@ -135,11 +131,10 @@ def compile_denoiser(pipeline, settings: HandlerSettings) -> None:
         for block in blocks:
             block.compile(**options)
         return
-    compiled = torch.compile(model, **options)
-    compiled.register_forward_pre_hook(_float_timestep, with_kwargs=True)
-    if settings.compile_mode == "reduce-overhead":
-        compiled.register_forward_hook(_cloned_output)
-    setattr(pipeline, denoiser_name(pipeline), compiled)
+    # In place (nn.Module.compile), so the pipeline keeps the module itself: LoRA loading and hot-swap find
+    # their adapters on it, which a torch.compile() wrapper would hide.
+    model.compile(**options)
+    model._compiled_call_impl = _outside_the_graph(model._compiled_call_impl, settings.compile_mode)
 
 
 def compile_vae_decoder(pipeline, settings: HandlerSettings) -> None:
@@ -148,7 +143,17 @@ def compile_vae_decoder(pipeline, settings: HandlerSettings) -> None:
     pipeline.vae.decoder.compile(**compile_options(settings))
 
 
-def _float_timestep(module, args, kwargs):
+def _outside_the_graph(compiled_call, compile_mode: str):
+    """Wrap the compiled call that nn.Module.compile() keeps in ``_compiled_call_impl`` with the work that
+    must run before and after the graph, uncompiled (forward hooks would be compiled into it)."""
+    def call(*args, **kwargs):
+        args, kwargs = _float_timestep(args, kwargs)
+        output = compiled_call(*args, **kwargs)
+        return _cloned_output(output) if compile_mode == "reduce-overhead" else output
+    return call
+
+
+def _float_timestep(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Pass the timestep as float32 whatever the scheduler gives: DDIM and PNDM give integers, Euler floats,
     and a compiled graph guards on the dtype, so switching schedulers would recompile. The timestep
     embedding converts to float first, so the numbers are the same."""
@@ -163,7 +168,7 @@ def _integer_tensor(value) -> bool:
     return isinstance(value, torch.Tensor) and not value.is_floating_point()
 
 
-def _cloned_output(module, args, output):
+def _cloned_output(output):
     """Copy the denoiser's output out of the CUDA graph's memory, which the next replay overwrites: PNDM
     keeps earlier outputs across steps, and without classifier-free guidance they would be the raw output."""
     if isinstance(output, tuple):
