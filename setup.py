@@ -31,6 +31,8 @@ setup(
         "requests",
         "tqdm",
         "peft",
+        "compel",
+        "sentencepiece",
     ],
     extras_require={
         "test": ["pytest", "hypothesis", "hypothesis-jsonschema", "jsonschema", "openai", "torchao"],
