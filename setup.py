@@ -34,6 +34,10 @@ setup(
         "compel",
         "sentencepiece",
     ],
-    extras_require={"test": ["pytest", "hypothesis", "hypothesis-jsonschema", "jsonschema", "openai",
-                             "tritonclient[http]", "kubernetes-validate"]},
+    extras_require={
+        "test": ["pytest", "hypothesis", "hypothesis-jsonschema", "jsonschema", "openai", "tritonclient[http]",
+                 "kubernetes-validate", "torchao"],
+        "quantization": ["torchao"],  # the quantization preset
+        "openvino": ["openvino"],  # compile_backend: openvino, for Intel CPUs
+    },
 )

@@ -28,9 +28,11 @@ from handler.core.prompts import prompt_encoder_for
 from handler.core.settings import HandlerSettings
 from handler.metrics import ServiceMetrics
 from handler.streaming import StreamSender
-from handler.model.device import WorkerRegistry, available_cores, choose_placement, threads_per_worker
 from handler.model.adapters import find_loras, serve_loras
+from handler.model.device import (WorkerRegistry, available_cores, choose_placement, select_device,
+                                  threads_per_worker)
 from handler.model.loading import load_pipeline
+from handler.model.optimizations import compiled_graphs, warmup_buckets
 from handler.model.pipeline_files import locate_pipeline
 from handler.model.pipeline_index import pipeline_class_name
 from handler.model.translation import load_translator
@@ -49,6 +51,7 @@ class StableDiffusionHandler(BaseHandler):
         self.registry = None
         self.metrics = None
         self.openai = None
+        self.fixed_threads = False
         self.translator = None
         self.kserve = None
 
@@ -63,19 +66,25 @@ class StableDiffusionHandler(BaseHandler):
         self.settings = HandlerSettings.from_mapping(model_config.get("handler"))
         self.registry = WorkerRegistry.for_model(model_dir)
         self.registry.register(os.getpid())
-        self._set_thread_count()
         folder = locate_pipeline(model_dir)
         placement = choose_placement(self.settings, torch.cuda.is_available(), properties.get("gpu_id"),
                                      pipeline_class_name(folder))
+        select_device(placement)
+        # A compiled graph guards on the thread count, and on CUDA the count barely matters: fix it once.
+        self.fixed_threads = self.settings.torch_compile or placement.device.startswith("cuda")
+        self._set_thread_count(force=True)
         settings, lora_files = self.settings, find_loras(model_dir, self.settings.lora_dir)
         prepared = {}  # the LoraAdapters, made as the pipeline loads: hot-swap slots must exist before compiling
         pipeline = load_pipeline(folder, placement, settings, prepare=lambda loaded: prepared.update(loras=serve_loras(
             loaded, lora_files, settings.max_loras, settings.max_loaded_loras, hotswap=settings.torch_compile)))
         loras = prepared["loras"]
         self.metrics = ServiceMetrics(context.metrics, context.model_name)
+        buckets = warmup_buckets(settings)
+        cuda_graphs = settings.torch_compile and settings.compile_mode == "reduce-overhead"
         self.engine = GenerationEngine(pipeline, settings.max_batch_pixels, on_call=self._record_call,
                                        safety_checker=settings.safety_checker, loras=loras,
-                                       prompt_encoder=prompt_encoder_for(pipeline, settings.prompt_syntax))
+                                       prompt_encoder=prompt_encoder_for(pipeline, settings.prompt_syntax),
+                                       call_shapes=frozenset(buckets) if cuda_graphs else None)
         self.translator = load_translator(model_dir, settings.translate, placement.device)
         self.contract = Contract(settings, replace(capabilities_of(pipeline, self.engine.tasks),
                                                    loras=loras.names if loras is not None else ()))
@@ -84,7 +93,10 @@ class StableDiffusionHandler(BaseHandler):
         self.kserve = kserve_api.KServeDoor(self.contract, context.model_name,
                                             ((context.manifest or {}).get("model") or {}).get("modelVersion"))
         if self.settings.warmup:
-            self.engine.warm_up(self.settings.default_width, self.settings.default_height)
+            self.engine.warm_up(buckets)
+            if self.settings.torch_compile or self.settings.compile_vae:
+                logger.info("torch.compile compiled %d graph(s) during warm-up at %s", compiled_graphs(),
+                            ", ".join(f"{w}x{h}x{n}" for w, h, n in buckets))
         self.initialized = True
         logger.info("worker %d ready in %.2f s (%d torch threads)", os.getpid(), time.perf_counter() - started,
                     torch.get_num_threads())
@@ -244,8 +256,11 @@ class StableDiffusionHandler(BaseHandler):
                                 "details")
         return failure if route is None else openai_api.OpenAICall(route, failure=failure)
 
-    def _set_thread_count(self):
-        """Give this worker an even share of the cores, re-counted as workers are scaled up or down."""
+    def _set_thread_count(self, force: bool = False):
+        """Give this worker an even share of the cores, re-counted as workers are scaled up or down (unless
+        the count is fixed at load: compiled graphs recompile when it changes)."""
+        if self.fixed_threads and not force:
+            return
         threads = threads_per_worker(available_cores(), self.registry.live_count(), self.settings.torch_threads)
         if threads != torch.get_num_threads():
             torch.set_num_threads(threads)

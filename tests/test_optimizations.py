@@ -24,9 +24,11 @@ def test_default_plan_only_places_the_pipeline():
 
 def test_every_option_is_planned_in_order():
     settings = HandlerSettings(attention="slicing", channels_last=True, vae_slicing=True, vae_tiling=True,
-                               torch_compile=True, cpu_offload=True)
-    assert plan_optimizations(settings, CUDA) == ["cpu_offload", "attention_slicing", "channels_last",
-                                                  "vae_slicing", "vae_tiling", "torch_compile"]
+                               torch_compile=True, cpu_offload=True, fuse_qkv=True, quantization="int8wo",
+                               step_cache_threshold=0.1, tf32=True, compile_vae=True)
+    assert plan_optimizations(settings, CUDA) == ["cpu_offload", "attention_slicing", "channels_last", "fuse_qkv",
+                                                  "quantization", "step_cache", "vae_slicing", "vae_tiling", "tf32",
+                                                  "torch_compile", "compile_vae"]
 
 
 def test_cpu_offload_without_cuda_fails_the_load():

@@ -9,6 +9,7 @@ import gc
 import inspect
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -17,7 +18,7 @@ import torch
 
 from handler.core.capabilities import IMAGE_TO_IMAGE, INPAINTING, TEXT_TO_IMAGE
 from handler.core.contract import GenerationRequest
-from handler.core.failures import INTERNAL_ERROR, OUT_OF_MEMORY, TIMEOUT, Rejection
+from handler.core.failures import INTERNAL_ERROR, INVALID_FIELD, OUT_OF_MEMORY, TIMEOUT, Rejection
 from handler.core.previews import LatentPreviewer
 from handler.core.progress import DeadlineExceeded, Progress, StepWatcher, Watched
 from handler.core.prompts import PromptEncoder, rejection_for
@@ -85,11 +86,14 @@ class GenerationEngine:
 
     def __init__(self, pipeline, max_batch_pixels: int,
                  on_call: Optional[Callable[[int, int, float], None]] = None, safety_checker: bool = True,
-                 loras=None, prompt_encoder: Optional[PromptEncoder] = None):
+                 loras=None, prompt_encoder: Optional[PromptEncoder] = None,
+                 call_shapes: Optional[frozenset] = None):
         """``on_call(images, pixel_steps, seconds)`` is told about every successful pipeline call (metrics).
         ``safety_checker=False`` runs a pipeline that has one without it (an operator's choice).
         ``loras``: the LoraAdapters (handler/model/adapters.py) that switch LoRA sets per call, if any.
-        ``prompt_encoder``: reads prompts in a weighting syntax, long ones in chunks (None: the pipeline's text)."""
+        ``prompt_encoder``: reads prompts in a weighting syntax, long ones in chunks (None: the pipeline's text).
+        ``call_shapes``, a set of (width, height, images), bounds the calls to those shapes (CUDA graphs keep
+        one recording per shape, so an unbounded set of shapes would use unbounded memory)."""
         from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
 
         pipeline.set_progress_bar_config(disable=True)
@@ -98,6 +102,7 @@ class GenerationEngine:
         self.on_call = on_call
         self.loras = loras
         self.prompt_encoder = prompt_encoder
+        self.call_shapes = call_shapes
         self._schedulers = SchedulerFactory(pipeline.scheduler)
         self._default_scheduler = scheduler_name_of(pipeline.scheduler)
         self._previewer = None  # fitted on the first request that asks for previews
@@ -114,14 +119,19 @@ class GenerationEngine:
         """The tasks this pipeline can run (image-to-image and inpainting exist for most families)."""
         return tuple(self._task_pipelines)
 
-    def warm_up(self, width: int, height: int) -> None:
-        """One single-step generation at the default size, so the first client request does not pay for lazy
-        initialisation (and, with torch_compile, for compiling at the size most requests use)."""
-        started = time.perf_counter()
-        request = GenerationRequest(prompt="warm-up", negative_prompt=None, num_inference_steps=1,
-                                    guidance_scale=7.5, width=width, height=height, seeds=(0,), scheduler=None)
-        self._call_pipeline([request])
-        logger.info("warm-up generation took %.2f s", time.perf_counter() - started)
+    def warm_up(self, buckets: list[tuple[int, int, int]]) -> None:
+        """One single-step generation per (width, height, images) bucket, so the first client requests do not
+        pay for lazy initialisation (and, with torch_compile, for compiling at the shapes they use). It runs in
+        inference mode like requests do: a compiled graph guards on it and would compile again."""
+        for width, height, images in buckets:
+            started = time.perf_counter()
+            request = GenerationRequest(prompt="warm-up", negative_prompt=None, num_inference_steps=1,
+                                        guidance_scale=7.5, width=width, height=height, seeds=tuple(range(images)),
+                                        scheduler=None)
+            with torch.inference_mode():
+                self._call_pipeline([request])
+            logger.info("warm-up generation at %dx%d, %d image(s) took %.2f s", width, height, images,
+                        time.perf_counter() - started)
 
     def generate(self, items: list, on_progress: Optional[Callable[[int, Progress], None]] = None,
                  received: Optional[float] = None) -> list:
@@ -167,7 +177,15 @@ class GenerationEngine:
     def _run_group(self, batch: list[tuple[int, GenerationRequest]], on_progress, received: float) -> list:
         group = [request for _, request in batch]
         first = group[0]
+        shape = (first.width, first.height, sum(request.num_images for request in group))
+        if self.call_shapes is not None and shape not in self.call_shapes:
+            if len(group) > 1:
+                return self._each_alone(batch, on_progress, received)
+            shown = ", ".join(f"{w}x{h} with {n} image(s)" for w, h, n in sorted(self.call_shapes))
+            return [Rejection(INVALID_FIELD, f"this model serves only the shapes it recorded CUDA graphs for: "
+                              f"{shown}; got {shape[0]}x{shape[1]} with {shape[2]} image(s)", field="width")]
         started = time.perf_counter()
+        failure, run_alone = None, False
         try:
             images, nsfw = self._call_pipeline(group, self._watcher(batch, on_progress, received))
         except DeadlineExceeded as stopped:
@@ -177,11 +195,19 @@ class GenerationEngine:
                               f"counted from when the worker received it) and was {stopped}; allow more time, or "
                               "ask for fewer steps or a smaller image", field="timeout_seconds")] * len(group)
         except Exception as error:
-            if not _is_out_of_memory(error) and len(group) > 1:
-                # One request's input may have broken the shared call: run each alone so only it fails.
+            run_alone = not _is_out_of_memory(error) and len(group) > 1
+            if run_alone:
                 logger.exception("a group of %d requests failed; running them one by one", len(group))
-                return [outcome for member in batch for outcome in self._run_group([member], on_progress, received)]
-            return [self._failure(error, group)] * len(group)
+            else:
+                failure = self._failure(error, group)
+        # Recovery runs here, after the except block: until then the error's traceback keeps the failed call's
+        # frames, and with them its activations, alive.
+        if run_alone:  # one request's input may have broken the shared call: run each alone so only it fails
+            return self._each_alone(batch, on_progress, received)
+        if failure is not None:
+            if failure.reason == OUT_OF_MEMORY:
+                self._free_memory()
+            return [failure] * len(group)
         elapsed = time.perf_counter() - started
         if self.on_call is not None:
             pixel_steps = len(images) * first.width * first.height * first.num_inference_steps
@@ -197,13 +223,15 @@ class GenerationEngine:
             offset += count
         return results
 
+    def _each_alone(self, batch: list[tuple[int, GenerationRequest]], on_progress, received: float) -> list:
+        return [outcome for member in batch for outcome in self._run_group([member], on_progress, received)]
+
     def _failure(self, error: Exception, group: list[GenerationRequest]) -> Rejection:
         """What a failed pipeline call gives its requests: out of memory, or an internal error."""
         first = group[0]
         if _is_out_of_memory(error):
             logger.error("out of memory generating %d image(s) at %dx%d: %s",
-                         sum(r.num_images for r in group), first.width, first.height, error)
-            self._free_memory()
+                         sum(r.num_images for r in group), first.width, first.height, str(error))
             return Rejection(OUT_OF_MEMORY, "the server ran out of memory for this generation; try fewer or "
                              "smaller images")
         logger.error("generation failed for %d request(s)", len(group), exc_info=error)
@@ -250,7 +278,8 @@ class GenerationEngine:
             arguments["height"], arguments["width"] = first.height, first.width
         if watcher is not None:
             arguments["callback_on_step_end"] = watcher
-        output = pipeline(**arguments)
+        with _vae_dtype_kept(pipeline):
+            output = pipeline(**arguments)
         nsfw = getattr(output, "nsfw_content_detected", None)
         images = (np.clip(output.images, 0.0, 1.0) * 255).round().astype(np.uint8)
         return images, ([bool(flag) for flag in nsfw] if nsfw is not None else None)
@@ -261,11 +290,33 @@ class GenerationEngine:
             torch.cuda.empty_cache()
 
 
+# How allocation failures read when they are not a torch.OutOfMemoryError: the CPU allocator's, and cuDNN's and
+# cuBLAS's when they cannot get their workspace on a full GPU.
+OUT_OF_MEMORY_MESSAGES = ("can't allocate memory", "CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED",
+                          "CUDA error: out of memory")
+
+
 def _is_out_of_memory(error: Exception) -> bool:
-    """CUDA raises OutOfMemoryError; the CPU allocator raises a RuntimeError that says so."""
+    """CUDA raises OutOfMemoryError; the CPU allocator, cuDNN and cuBLAS raise RuntimeErrors that say so."""
     if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
         return True
-    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+    return isinstance(error, RuntimeError) and any(text in str(error) for text in OUT_OF_MEMORY_MESSAGES)
+
+
+@contextmanager
+def _vae_dtype_kept(pipeline):
+    """Put the VAE back in its dtype however the call ends.
+
+    SDXL in float16 upcasts its VAE to float32 for the decode and casts it back only when the decode
+    returns; an out-of-memory error in between would leave it float32 and fail every later call.
+    """
+    vae = getattr(pipeline, "vae", None)
+    dtype = vae.dtype if vae is not None else None
+    try:
+        yield
+    finally:
+        if vae is not None and vae.dtype != dtype:
+            vae.to(dtype=dtype)
 
 
 @dataclass(frozen=True)

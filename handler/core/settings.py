@@ -14,12 +14,25 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 ATTENTION = ("sdpa", "slicing")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+QUANTIZATIONS = ("none", "int8wo", "fp8")
 PROMPT_SYNTAXES = ("plain", "a1111", "compel")  # how prompts are read: handler/core/prompts.py
 TRANSLATE_MODES = ("auto", "always", "never")  # auto: prompts with CJK characters, when a translator is packed
 
 
 class SettingsError(ValueError):
     """A model-config.yaml value that the handler cannot use."""
+
+
+def parse_bucket(entry) -> Optional[tuple[int, int, int]]:
+    """A ``compile_warmup_sizes`` entry, ``"768x768"`` or ``"768x768x2"``, as (width, height, images); None if
+    it does not read so."""
+    if not isinstance(entry, str):
+        return None
+    parts = entry.lower().split("x")
+    if len(parts) not in (2, 3) or not all(part.isascii() and part.isdigit() for part in parts):
+        return None
+    width, height, images = (int(part) for part in parts + ["1"][:3 - len(parts)])
+    return width, height, images
 
 
 @dataclass(frozen=True)
@@ -56,6 +69,14 @@ class HandlerSettings:
     channels_last: bool = False
     torch_compile: bool = False
     compile_mode: str = "default"
+    compile_backend: str = "inductor"
+    compile_warmup_sizes: tuple = ()
+    compile_repeated_blocks: bool = False
+    compile_vae: bool = False
+    fuse_qkv: bool = False
+    tf32: bool = False
+    quantization: str = "none"
+    step_cache_threshold: float = 0.0
     vae_slicing: bool = False
     vae_tiling: bool = False
     cpu_offload: bool = False
@@ -79,6 +100,8 @@ class HandlerSettings:
             expected = type(known[name].default)
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
+            if expected is tuple and isinstance(value, list):  # YAML lists
+                value = tuple(value)
             if type(value) is not expected:
                 raise SettingsError(
                     f"handler setting {name} must be a {expected.__name__}, got {value!r}"
@@ -101,6 +124,26 @@ class HandlerSettings:
         require(self.attention in ATTENTION, f"attention must be one of {list(ATTENTION)}, got {self.attention!r}")
         require(self.compile_mode in COMPILE_MODES,
                 f"compile_mode must be one of {list(COMPILE_MODES)}, got {self.compile_mode!r}")
+        require(self.quantization in QUANTIZATIONS,
+                f"quantization must be one of {list(QUANTIZATIONS)}, got {self.quantization!r}")
+        require(0 <= self.step_cache_threshold <= 1,
+                f"step_cache_threshold must be 0 (off) to 1, got {self.step_cache_threshold}")
+        require(bool(self.compile_backend), "compile_backend must name a torch.compile backend")
+        for entry in self.compile_warmup_sizes:
+            require(parse_bucket(entry) is not None,
+                    f"compile_warmup_sizes entries must read WIDTHxHEIGHT or WIDTHxHEIGHTxIMAGES (multiples of 8 "
+                    f"in min_side..max_side, 1..max_images images), got {entry!r}")
+            width, height, images = parse_bucket(entry)
+            require(width % 8 == 0 and height % 8 == 0 and self.min_side <= min(width, height)
+                    and max(width, height) <= self.max_side and 1 <= images <= self.max_images,
+                    f"compile_warmup_sizes entry {entry!r} is outside min_side..max_side (multiples of 8) or "
+                    f"1..max_images images")
+        require(not (self.compile_mode == "reduce-overhead" and self.torch_compile and not self.compile_warmup_sizes),
+                "compile_mode reduce-overhead records one CUDA graph per shape: list the shapes it may record in "
+                "compile_warmup_sizes (requests at other sizes are refused)")
+        require(not (self.compile_mode == "reduce-overhead" and self.compile_repeated_blocks),
+                "compile_mode reduce-overhead cannot be combined with compile_repeated_blocks: every copy of a "
+                "block would replay one CUDA graph and overwrite the output the next copy reads")
         require(self.prompt_syntax in PROMPT_SYNTAXES,
                 f"prompt_syntax must be one of {list(PROMPT_SYNTAXES)}, got {self.prompt_syntax!r}")
         require(self.translate in TRANSLATE_MODES,

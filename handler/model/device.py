@@ -52,8 +52,9 @@ def plan_optimizations(settings: HandlerSettings, placement: Placement) -> list[
 
     SDPA attention is PyTorch's default in diffusers, so it needs no step; attention slicing replaces it
     to save memory. Model CPU offload moves each component to the GPU only while it runs, so it needs CUDA
-    and replaces placing the whole pipeline on the device. torch.compile compiles the UNet; the warm-up
-    generation then pays the compilation instead of the first request.
+    and replaces placing the whole pipeline on the device. Quantization comes before compiling (the compiled
+    graph must see the quantized layers); torch.compile compiles the denoiser (and with compile_vae the VAE
+    decoder), and the warm-up generations then pay the compilation instead of the first requests.
     """
     on_cuda = placement.device.startswith("cuda")
     if settings.cpu_offload and not on_cuda:
@@ -63,13 +64,30 @@ def plan_optimizations(settings: HandlerSettings, placement: Placement) -> list[
         steps.append("attention_slicing")
     if settings.channels_last:
         steps.append("channels_last")
+    if settings.fuse_qkv:
+        steps.append("fuse_qkv")
+    if settings.quantization != "none":
+        steps.append("quantization")
+    if settings.step_cache_threshold > 0:
+        steps.append("step_cache")
     if settings.vae_slicing:
         steps.append("vae_slicing")
     if settings.vae_tiling:
         steps.append("vae_tiling")
+    if settings.tf32:
+        steps.append("tf32")  # before compiling: compiled kernels keep the matmul precision they saw
     if settings.torch_compile:
         steps.append("torch_compile")
+    if settings.compile_vae:
+        steps.append("compile_vae")
     return steps
+
+
+def select_device(placement: Placement) -> None:
+    """Make the worker's GPU the current CUDA device, so that calls naming no device (``torch.cuda.*``,
+    ``empty_cache``, libraries' own allocations) use it rather than GPU 0 in every worker."""
+    if placement.device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(placement.device))
 
 
 def available_cores() -> int:

@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from handler.model import optimizations
 from handler.model.device import Placement, plan_optimizations
 from handler.model.pipeline_index import null_components, read_model_index
 from handler.core.settings import HandlerSettings
@@ -40,27 +41,31 @@ def apply_optimization(pipeline, step: str, placement: Placement, settings: Hand
     """Apply one step of plan_optimizations() to a loaded pipeline."""
     import torch
 
+    on_cuda = placement.device.startswith("cuda")
     if step == "place_on_device":
         pipeline.to(placement.device)
     elif step == "cpu_offload":
         pipeline.enable_model_cpu_offload(device=placement.device)
     elif step == "attention_slicing":
+        optimizations.check_attention_slicing(pipeline)
         pipeline.enable_attention_slicing()
     elif step == "channels_last":
-        denoiser(pipeline).to(memory_format=torch.channels_last)
+        optimizations.denoiser(pipeline).to(memory_format=torch.channels_last)
+    elif step == "fuse_qkv":
+        optimizations.fuse_qkv(pipeline)
+    elif step == "quantization":
+        optimizations.quantize(pipeline, settings.quantization, on_cuda)
+    elif step == "step_cache":
+        optimizations.enable_step_cache(pipeline, settings.step_cache_threshold)
     elif step == "vae_slicing":
         pipeline.vae.enable_slicing()
     elif step == "vae_tiling":
         pipeline.vae.enable_tiling()
+    elif step == "tf32":
+        optimizations.enable_tf32(on_cuda)
     elif step == "torch_compile":
-        # In place (nn.Module.compile), so the pipeline keeps the module itself: LoRA loading and hot-swap
-        # find their adapters on it, which a torch.compile() wrapper would hide.
-        denoiser(pipeline).compile(mode=settings.compile_mode)
+        optimizations.compile_denoiser(pipeline, settings)
+    elif step == "compile_vae":
+        optimizations.compile_vae_decoder(pipeline, settings)
     else:
         raise ValueError(f"unknown optimization step {step!r}")
-
-
-def denoiser(pipeline):
-    """The network run at every step: the UNet (SD 1/2, SDXL) or the transformer (SD3, Flux)."""
-    unet = getattr(pipeline, "unet", None)
-    return unet if unet is not None else pipeline.transformer
