@@ -30,6 +30,7 @@ setup(
         "psutil",
         "requests",
         "tqdm",
+        "opencv-python-headless",
     ],
     extras_require={"test": ["pytest", "hypothesis", "hypothesis-jsonschema", "jsonschema", "openai"]},
 )

@@ -19,6 +19,7 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from handler import openai_api, wire
 from handler.core.capabilities import capabilities_of
+from handler.core.controlnets import controlnet_tasks
 from handler.core.contract import ClientRequest, Contract, GenerationRequest
 from handler.core.encoding import encode_images, result_document
 from handler.core.failures import INTERNAL_ERROR, TIMEOUT, Rejection
@@ -26,6 +27,7 @@ from handler.core.generation import GenerationEngine, GenerationResult
 from handler.core.settings import HandlerSettings
 from handler.metrics import ServiceMetrics
 from handler.streaming import StreamSender
+from handler.model.controlnets import controlnet_folders, load_controlnets
 from handler.model.device import WorkerRegistry, available_cores, choose_placement, threads_per_worker
 from handler.model.loading import load_pipeline
 from handler.model.pipeline_files import locate_pipeline
@@ -62,10 +64,12 @@ class StableDiffusionHandler(BaseHandler):
         placement = choose_placement(self.settings, torch.cuda.is_available(), properties.get("gpu_id"),
                                      pipeline_class_name(folder))
         pipeline = load_pipeline(folder, placement, self.settings)
+        controlnets = load_controlnets(controlnet_folders(model_dir), placement)
         self.metrics = ServiceMetrics(context.metrics, context.model_name)
         self.engine = GenerationEngine(pipeline, self.settings.max_batch_pixels, on_call=self._record_call,
-                                       safety_checker=self.settings.safety_checker)
-        self.contract = Contract(self.settings, capabilities_of(pipeline, self.engine.tasks))
+                                       safety_checker=self.settings.safety_checker, controlnets=controlnets)
+        self.contract = Contract(self.settings, capabilities_of(
+            pipeline, self.engine.tasks, tuple(controlnets), controlnet_tasks(type(pipeline).__name__, self.engine.tasks)))
         self.openai = openai_api.OpenAIDoor(self.contract, context.model_name,
                                             openai_api.archive_created(context.manifest))
         if self.settings.warmup:
