@@ -58,8 +58,9 @@ def check_controlnet(name: str, folder: Path, pipeline_folder: Path) -> str:
     base = _config(pipeline_folder / denoiser / "config.json", f"the pipeline's {denoiser}")
     for field in UNET_FIELDS if denoiser == "unet" else FLUX_FIELDS:
         if _normalised(config.get(field)) != _normalised(base.get(field)):
-            raise ControlNetError(f"{where} does not fit this {pipeline_class}: its {field} is {config.get(field)!r} "
-                                  f"but the {denoiser}'s is {base.get(field)!r} (a ControlNet of another family or size)")
+            raise ControlNetError(f"{where} does not fit this {pipeline_class}: its {field} is "
+                                  f"{config.get(field)!r} but the {denoiser}'s is {base.get(field)!r} (a ControlNet "
+                                  "of another family or size)")
     if denoiser == "transformer":
         width, base_width = (item["num_attention_heads"] * item["attention_head_dim"] for item in (config, base))
         if width != base_width:

@@ -2,8 +2,8 @@
 
 A ControlNet made with ``ControlNetModel.from_unet`` (``FluxControlNetModel.from_transformer``) starts with
 its output convolutions at zero, so it adds nothing and an image made with it equals one made without. These
-makers fill those zero layers with small random weights, seeded, so a tiny ControlNet visibly steers the image
-and two seeds of it steer differently.
+makers fill the weights of those layers with random values, seeded, and leave their biases at zero, so what a
+tiny ControlNet adds depends on its condition image, and two seeds of it steer differently.
 Run as ``python -m builder.tiny_controlnets --family sdxl build/cn-sdxl`` to get one for the README examples.
 """
 
@@ -16,9 +16,11 @@ from builder.families import FAMILIES
 
 # Conv channels of the condition image's encoder: four stages halve the side three times, to the latent side.
 CONDITIONING_CHANNELS = (8, 8, 16, 16)
-ZERO_INITIALISED = ("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out",
-                    "controlnet_blocks", "controlnet_single_blocks", "controlnet_x_embedder")
-RANDOM_STD = 0.5
+ZERO_INITIALISED = ("controlnet_down_blocks", "controlnet_mid_block", "controlnet_blocks", "controlnet_single_blocks")
+RANDOM_STD = 0.1  # the residuals' convs: larger ones saturate the tiny UNet, so every image looks alike
+# The condition image's encoder. With its default initialisation and biases its output hardly depends on the
+# image (two opposite half-white images differ by 0.3 %): it is re-initialised and calibrated.
+CONDITION_ENCODER = ("controlnet_cond_embedding", "controlnet_x_embedder")
 
 
 def build_tiny_controlnet(pipeline_folder: Path, target: Path, seed: int = 1):
@@ -41,10 +43,26 @@ def build_tiny_controlnet(pipeline_folder: Path, target: Path, seed: int = 1):
         raise ValueError(f"{pipeline_folder} has neither a unet/ nor a transformer/ folder")
     with torch.no_grad():
         for name, parameter in controlnet.named_parameters():
-            if name.startswith(ZERO_INITIALISED):
+            if name.startswith(CONDITION_ENCODER):  # He-initialised without biases: the image's shapes pass on
+                if name.endswith("weight"):
+                    torch.nn.init.kaiming_normal_(parameter)
+                else:
+                    parameter.zero_()
+            elif name.startswith(ZERO_INITIALISED) and name.endswith("weight"):
                 parameter.normal_(0.0, RANDOM_STD)
+        if isinstance(controlnet, ControlNetModel):
+            _calibrate_condition_encoder(controlnet)
     controlnet.save_pretrained(Path(target), safe_serialization=True)
     return controlnet
+
+
+def _calibrate_condition_encoder(controlnet) -> None:
+    """Scale the encoder's last conv so its output is about as large as the latent features it is added to
+    (mean magnitude 1 for a half-white image); eight small random convs otherwise shrink it a hundredfold."""
+    probe = torch.zeros(1, 3, 64, 64)
+    probe[..., :32] = 1.0
+    encoder = controlnet.controlnet_cond_embedding
+    encoder.conv_out.weight.mul_(1.0 / encoder(probe).abs().mean())
 
 
 def main(argv=None) -> None:

@@ -68,8 +68,9 @@ class StableDiffusionHandler(BaseHandler):
         self.metrics = ServiceMetrics(context.metrics, context.model_name)
         self.engine = GenerationEngine(pipeline, self.settings.max_batch_pixels, on_call=self._record_call,
                                        safety_checker=self.settings.safety_checker, controlnets=controlnets)
-        self.contract = Contract(self.settings, capabilities_of(
-            pipeline, self.engine.tasks, tuple(controlnets), controlnet_tasks(type(pipeline).__name__, self.engine.tasks)))
+        served_tasks = controlnet_tasks(type(pipeline).__name__, self.engine.tasks)
+        self.contract = Contract(self.settings, capabilities_of(pipeline, self.engine.tasks, tuple(controlnets),
+                                                                served_tasks))
         self.openai = openai_api.OpenAIDoor(self.contract, context.model_name,
                                             openai_api.archive_created(context.manifest))
         if self.settings.warmup:

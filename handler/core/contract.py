@@ -364,9 +364,9 @@ FIELDS: tuple[FieldSpec, ...] = (
               "per control_image: none (it is the condition map) or canny (edges found on the server, so a photo "
               "will do); one value: all", requires=("controlnet",), **CONTROL),
     FieldSpec("canny_low", Integer(0, CANNY_MAX_THRESHOLD), CANNY_LOW,
-              "canny: gradients below it are never edges", requires=("control_preprocess",), **CONTROL),
+              "canny: gradients below it are never edges", requires=("controlnet", "control_preprocess"), **CONTROL),
     FieldSpec("canny_high", Integer(0, CANNY_MAX_THRESHOLD), CANNY_HIGH,
-              "canny: gradients above it are always edges", requires=("control_preprocess",), **CONTROL),
+              "canny: gradients above it are always edges", requires=("controlnet", "control_preprocess"), **CONTROL),
 )
 FIELD_NAMES = tuple(spec.name for spec in FIELDS)
 # Rules over several fields, which a JSON Schema cannot state; each is a 400 naming the first field.
@@ -376,8 +376,8 @@ CROSS_FIELD_RULES = {  # formatted with the settings' values
     "output_format": "png, jpeg and webp hold one image: num_images must be 1 (streams: any number); streams "
                      "carry png, jpeg or webp",
     "strength": "num_inference_steps x strength >= 1",
-    "outpaint": "the outpainted canvas must fit the limits of width and height; not with width, height, "
-                "mask_image or controlnet",
+    "outpaint": "some side above 0; the outpainted canvas must fit the limits of width and height; not with "
+                "width, height, mask_image or controlnet",
     "controlnet": "one control_image per controlnet, and one controlnet_conditioning_scale and control_preprocess "
                   "per controlnet or one for all; with text-to-image and image-to-image",
     "control_guidance_start": "control_guidance_start < control_guidance_end",
@@ -581,8 +581,8 @@ class Contract:
             count = len(values[name]) if name in values else 1
             allowed = (len(names),) if name == "control_image" else (1, len(names))
             if count not in allowed:
-                raise invalid(name, f"{name} holds {count} value(s) for {len(names)} controlnet(s) "
-                              f"{list(names)}; give " + (" or ".join(map(str, sorted(set(allowed))))))
+                raise invalid("controlnet", f"controlnet names {len(names)} ControlNet(s) {list(names)} but {name} "
+                              f"holds {count} value(s); give " + " or ".join(map(str, sorted(set(allowed)))))
             counts[name] = count
         start, end = (values.get(name, self.fields[name].default)
                       for name in ("control_guidance_start", "control_guidance_end"))
@@ -646,7 +646,7 @@ class Contract:
             "$schema": "https://json-schema.org/draft/2020-12/schema",
             "title": f"Generation request for {self.capabilities.pipeline_class}",
             "description": "Also checked, with a 400 naming the field: " + "; ".join(
-                self._cross_field_rule(name) for name in CROSS_FIELD_RULES if name in self.fields),
+                self._cross_field_rule(name) for name in CROSS_FIELD_RULES),
             "type": "object",
             "properties": properties,
             "required": [name for name, spec in self.fields.items() if spec.default == REQUIRED],

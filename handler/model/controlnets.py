@@ -36,7 +36,8 @@ def load_controlnets(folders: dict[str, Path], placement) -> dict:
         class_name = json.loads((folder / "config.json").read_text()).get("_class_name")
         if class_name not in MODEL_CLASSES:
             raise ValueError(f"ControlNet {name} in {folder} is a {class_name}; expected one of {MODEL_CLASSES}")
-        model = getattr(diffusers, class_name).from_pretrained(folder, local_files_only=True, torch_dtype=placement.dtype)
+        model = getattr(diffusers, class_name).from_pretrained(folder, local_files_only=True,
+                                                               torch_dtype=placement.dtype)
         models[name] = model.to(placement.device).eval()
         logger.info("loaded ControlNet %d/%d %s (%s) in %.2f s", number, len(folders), name, class_name,
                     time.perf_counter() - started)
