@@ -30,6 +30,7 @@ setup(
         "psutil",
         "requests",
         "tqdm",
+        "peft",
         "opencv-python-headless",
     ],
     extras_require={"test": ["pytest", "hypothesis", "hypothesis-jsonschema", "jsonschema", "openai"]},

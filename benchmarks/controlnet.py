@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The cost of a ControlNet: a request with one (and with two) against the same request without, as ratios.
 
-    python benchmarks/controlnet.py            # 512x512, 20 steps, 5 rounds, SD 1 (a few minutes on 2 cores)
+    python benchmarks/controlnet.py            # 256x256, 10 steps, 3 rounds, SD 1 (a few minutes on 2 cores)
     python benchmarks/controlnet.py --quick    # 128x128, 4 steps, 2 rounds
     python benchmarks/controlnet.py --family sdxl
 
@@ -15,6 +15,7 @@ server-side edge detection of one control image at the same size.
 
 import argparse
 import sys
+from dataclasses import replace
 import tempfile
 import time
 from pathlib import Path
@@ -54,8 +55,9 @@ def measure(work: Path, family: str, side: int, steps: int, rounds: int) -> list
     pipeline = load_pipeline(work / "pipeline", placement)
     models = load_controlnets({name: work / name for name in ("one", "two")}, placement)
     engine = GenerationEngine(pipeline, 10**9, controlnets=models)
-    contract = Contract(HandlerSettings(max_side=max(1024, side)), capabilities_of(
-        pipeline, engine.tasks, tuple(models), controlnet_tasks(type(pipeline).__name__, engine.tasks)))
+    contract = Contract(HandlerSettings(), replace(
+        capabilities_of(pipeline, engine.tasks), controlnets=tuple(models),
+        controlnet_tasks=controlnet_tasks(type(pipeline).__name__, engine.tasks)))
     photo = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(photo).save(buffer, format="PNG")
@@ -104,7 +106,7 @@ def main(argv=None) -> None:
     parser.add_argument("--output", type=Path,
                         help="the JSON results (default: benchmarks/results/controlnet-FAMILY.json)")
     arguments = parser.parse_args(argv)
-    side, steps, rounds = (128, 4, 2) if arguments.quick else (512, 20, 5)
+    side, steps, rounds = (128, 4, 2) if arguments.quick else (256, 10, 3)
     output = arguments.output or REPO_ROOT / "benchmarks" / "results" / f"controlnet-{arguments.family}.json"
     with tempfile.TemporaryDirectory(prefix="sd-controlnet-bench-") as folder:
         rows = measure(Path(folder), arguments.family, side, steps, rounds)

@@ -15,8 +15,12 @@ import threading
 import time
 import zipfile
 from pathlib import Path
+from typing import Optional
 
+from builder.components import (ComponentError, check_loras, check_vae, parse_lora_argument, vae_entries,
+                                VAE_FOLDER)
 from builder.families import FAMILIES
+from handler.model.adapters import LORA_SUFFIX, PACKAGED_FOLDER
 from handler.model.pipeline_files import find_pipeline_folder
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -55,6 +59,10 @@ def parse_arguments(argv=None) -> argparse.Namespace:
                         help="where the archive is written (default: %(default)s)")
     parser.add_argument("--work-dir", type=Path, default=REPO_ROOT / "build",
                         help="scratch space for built and downloaded pipelines (default: %(default)s)")
+    parser.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                        help="pack a LoRA file (diffusers/PEFT or kohya .safetensors) that requests may name; "
+                             "repeatable; each is loaded into the pipeline first and refused if it does not fit")
+    parser.add_argument("--vae", type=Path, help="a diffusers VAE folder that replaces the pipeline's VAE")
     parser.add_argument("--force", action="store_true",
                         help="overwrite an existing archive of the same name in the export path")
     parser.add_argument("--controlnet", action="append", default=[], metavar="NAME=FOLDER",
@@ -65,6 +73,10 @@ def parse_arguments(argv=None) -> argparse.Namespace:
         parser.error("--revision goes with --model-id")
     if arguments.family != "sd1" and not arguments.tiny:
         parser.error("--family goes with --tiny")
+    try:
+        arguments.lora = [parse_lora_argument(text) for text in arguments.lora]
+    except ComponentError as error:
+        parser.error(str(error.code).removeprefix("build_mar: "))
     if not MODEL_NAME.fullmatch(arguments.name):
         parser.error(f"--name must be letters, digits, _ and -, starting with a letter or digit; got {arguments.name!r}")
     return arguments
@@ -152,24 +164,29 @@ def download(model_id: str, revision, downloads: Path) -> Path:
     return folder
 
 
-def pipeline_files(folder: Path) -> list[Path]:
-    """Files of a pipeline folder, without hidden files (download caches, .gitattributes)."""
-    return sorted(path for path in folder.rglob("*")
-                  if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts))
+def pipeline_files(folder: Path, vae: Optional[Path] = None) -> list[tuple[Path, str]]:
+    """Files of a pipeline folder as (source, path inside the pipeline), without hidden files (download caches,
+    .gitattributes); with ``vae``, that folder's files instead of the pipeline's own ``vae/``."""
+    files = [(path, path.relative_to(folder).as_posix()) for path in sorted(folder.rglob("*"))
+             if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts)]
+    if vae is None:
+        return files
+    return sorted([entry for entry in files if not entry[1].startswith(f"{VAE_FOLDER}/")] + vae_entries(vae),
+                  key=lambda entry: entry[1])
 
 
-def zip_pipeline(folder: Path, archive: Path) -> None:
+def zip_pipeline(folder: Path, archive: Path, vae: Optional[Path] = None) -> None:
     """Store the pipeline (no compression: weights do not compress) with world-readable modes.
 
     safetensors writes its files 0600; an archive that kept that mode could not be read by a server running
     as another user.
     """
-    files = pipeline_files(folder)
-    total = sum(path.stat().st_size for path in files)
+    files = pipeline_files(folder, vae)
+    total = sum(path.stat().st_size for path, _ in files)
     written = 0
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED, allowZip64=True) as bundle:
-        for path in files:
-            entry = zipfile.ZipInfo.from_file(path, arcname=path.relative_to(folder).as_posix())
+        for path, name in files:
+            entry = zipfile.ZipInfo.from_file(path, arcname=name)
             entry.external_attr = 0o100644 << 16
             entry.compress_type = zipfile.ZIP_STORED
             with open(path, "rb") as source, bundle.open(entry, "w", force_zip64=True) as target:
@@ -178,18 +195,27 @@ def zip_pipeline(folder: Path, archive: Path) -> None:
             progress(f"  zipped {entry.filename} ({_megabytes(written)}/{_megabytes(total)} MB)")
 
 
-def copy_pipeline(folder: Path, target: Path) -> None:
+def copy_pipeline(folder: Path, target: Path, vae: Optional[Path] = None) -> None:
     """Copy the pipeline as a plain folder, world-readable, with progress."""
-    files = pipeline_files(folder)
-    total = sum(path.stat().st_size for path in files)
+    files = pipeline_files(folder, vae)
+    total = sum(path.stat().st_size for path, _ in files)
     written = 0
-    for path in files:
-        destination = target / path.relative_to(folder)
+    for path, name in files:
+        destination = target / name
         destination.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, destination)
         os.chmod(destination, 0o644)
         written += path.stat().st_size
-        progress(f"  copied {path.relative_to(folder)} ({_megabytes(written)}/{_megabytes(total)} MB)")
+        progress(f"  copied {name} ({_megabytes(written)}/{_megabytes(total)} MB)")
+
+
+def stage_loras(loras: list[tuple[str, Path]], staging: Path) -> None:
+    """Copy the LoRA files to ``loras/NAME.safetensors``, the folder the handler reads them from."""
+    for name, path in loras:
+        destination = staging / PACKAGED_FOLDER / f"{name}{LORA_SUFFIX}"
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, destination)
+        os.chmod(destination, 0o644)
 
 
 def stage_handler(staging: Path) -> None:
@@ -243,11 +269,17 @@ def build(arguments: argparse.Namespace) -> Path:
     if not arguments.config_file.is_file():
         raise SystemExit(f"build_mar: config file {arguments.config_file} not found")
     folder = pipeline_source(arguments)
+    if arguments.vae is not None:
+        check_vae(folder, arguments.vae)
+        progress(f"the VAE of {arguments.vae} replaces the pipeline's")
+    if arguments.lora:
+        check_loras(folder, arguments.lora, progress)
     arguments.export_path.mkdir(parents=True, exist_ok=True)
     staging = arguments.work_dir / f"staging-{arguments.name}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     stage_handler(staging)
+    stage_loras(arguments.lora, staging)
     if arguments.controlnet:
         from builder.controlnets import ControlNetError, stage_controlnets
 
@@ -259,7 +291,7 @@ def build(arguments: argparse.Namespace) -> Path:
             raise SystemExit(f"build_mar: {error}") from None
     if arguments.archive_format == "zip":
         progress(f"[1/2] packing {folder} into {PIPELINE_ZIP}")
-        zip_pipeline(folder, staging / PIPELINE_ZIP)
+        zip_pipeline(folder, staging / PIPELINE_ZIP, arguments.vae)
         progress("[2/2] writing the .mar with torch-model-archiver")
         run_archiver(arguments, staging)
         output = archive_path(arguments)
@@ -272,7 +304,7 @@ def build(arguments: argparse.Namespace) -> Path:
         progress("[1/2] writing the archive folder with torch-model-archiver")
         run_archiver(arguments, staging)
         progress(f"[2/2] copying {folder} into {output / PIPELINE_FOLDER}")
-        copy_pipeline(folder, output / PIPELINE_FOLDER)
+        copy_pipeline(folder, output / PIPELINE_FOLDER, arguments.vae)
     shutil.rmtree(staging, ignore_errors=True)
     progress(f"done in {time.monotonic() - started:.1f} s: {output} ({_megabytes(_size(output))} MB)")
     return output

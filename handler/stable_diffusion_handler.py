@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import replace
 from http import HTTPStatus
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from handler.metrics import ServiceMetrics
 from handler.streaming import StreamSender
 from handler.model.controlnets import controlnet_folders, load_controlnets
 from handler.model.device import WorkerRegistry, available_cores, choose_placement, threads_per_worker
+from handler.model.adapters import find_loras, serve_loras
 from handler.model.loading import load_pipeline
 from handler.model.pipeline_files import locate_pipeline
 from handler.model.pipeline_index import pipeline_class_name
@@ -63,14 +65,19 @@ class StableDiffusionHandler(BaseHandler):
         folder = locate_pipeline(model_dir)
         placement = choose_placement(self.settings, torch.cuda.is_available(), properties.get("gpu_id"),
                                      pipeline_class_name(folder))
-        pipeline = load_pipeline(folder, placement, self.settings)
+        settings, lora_files = self.settings, find_loras(model_dir, self.settings.lora_dir)
+        prepared = {}  # the LoraAdapters, made as the pipeline loads: hot-swap slots must exist before compiling
+        pipeline = load_pipeline(folder, placement, settings, prepare=lambda loaded: prepared.update(loras=serve_loras(
+            loaded, lora_files, settings.max_loras, settings.max_loaded_loras, hotswap=settings.torch_compile)))
+        loras = prepared["loras"]
         controlnets = load_controlnets(controlnet_folders(model_dir), placement)
         self.metrics = ServiceMetrics(context.metrics, context.model_name)
-        self.engine = GenerationEngine(pipeline, self.settings.max_batch_pixels, on_call=self._record_call,
-                                       safety_checker=self.settings.safety_checker, controlnets=controlnets)
-        served_tasks = controlnet_tasks(type(pipeline).__name__, self.engine.tasks)
-        self.contract = Contract(self.settings, capabilities_of(pipeline, self.engine.tasks, tuple(controlnets),
-                                                                served_tasks))
+        self.engine = GenerationEngine(pipeline, settings.max_batch_pixels, on_call=self._record_call,
+                                       safety_checker=settings.safety_checker, loras=loras, controlnets=controlnets)
+        self.contract = Contract(settings, replace(
+            capabilities_of(pipeline, self.engine.tasks), loras=loras.names if loras is not None else (),
+            controlnets=tuple(controlnets),
+            controlnet_tasks=controlnet_tasks(type(pipeline).__name__, self.engine.tasks) if controlnets else ()))
         self.openai = openai_api.OpenAIDoor(self.contract, context.model_name,
                                             openai_api.archive_created(context.manifest))
         if self.settings.warmup:

@@ -27,9 +27,9 @@ pytestmark = pytest.mark.serving
 
 # What a worker needs: TorchServe, torch and the diffusers stack (transformers for the text encoders,
 # accelerate and safetensors for loading), numpy and pillow for images, scipy for some schedulers, PyYAML
-# for TorchServe's model config. psutil comes with torchserve.
+# for TorchServe's model config, peft for LoRA adapters. psutil comes with torchserve.
 RUNTIME = ["torch", "torchserve", "diffusers", "transformers", "accelerate", "safetensors", "numpy", "pillow",
-           "scipy", "PyYAML"]
+           "scipy", "PyYAML", "peft"]
 REQUEST = {"prompt": "a cat", "num_inference_steps": 2, "width": 64, "height": 64, "output_format": "png"}
 REPOSITORY_MODULES = ["handler", "builder", "sdclient", "harness"]
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from handler.core.contract import FIELD_NAMES, ClientRequest, Contract, GenerationRequest
+from handler.core.contract import ClientRequest, Contract, GenerationRequest
 from handler.core.failures import Rejection
 from handler.wire import error_body, read_request, status_of
 from handler.core.capabilities import ModelCapabilities
@@ -214,7 +214,7 @@ def test_unknown_field_lists_known_fields(parser):
     assert status_of(error) == 400
     assert error.reason == "unknown_field"
     assert "steps" in error.message
-    for name in parser.fields:  # every field this model offers (no ControlNet ones: it has no ControlNets)
+    for name in parser.fields:  # every field this model offers (loras and controlnet only where it has some)
         assert name in error.message
 
 

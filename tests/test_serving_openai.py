@@ -16,8 +16,7 @@ import pytest
 from PIL import Image
 
 from helpers import (
-    MODEL, batches_in, build_tiny_mar, error_of, json_images, log_offset, log_since, png_base64, predict,
-    shipped_settings, start_server, stop_server,
+    MODEL, batches_in, error_of, json_images, log_offset, log_since, png_base64, predict, shipped_settings,
 )
 
 pytestmark = pytest.mark.serving
@@ -115,28 +114,15 @@ def test_models_lists_the_served_model(torchserve):
     assert caught.value.code == "model_not_found"
 
 
-@pytest.fixture(scope="module")
-def batching_server(tmp_path_factory):
-    """batchSize 4, maxBatchDelay 1000 ms, one worker: requests sent together reach one handler call."""
-    work = tmp_path_factory.mktemp("openai-batched")
-    mar = build_tiny_mar(work, {"batchSize": 4, "maxBatchDelay": 1000, "minWorkers": 1, "maxWorkers": 1},
-                         {"warmup": False})
-    server = start_server(work / "server", mar)
-    try:
-        yield server
-    finally:
-        stop_server(server)
-
-
-def test_sdk_calls_and_native_calls_in_one_batch_are_each_answered_in_their_own_shape(batching_server):
-    client = client_of(batching_server)
+def test_sdk_calls_and_native_calls_in_one_batch_are_each_answered_in_their_own_shape(batched_server):
+    client = client_of(batched_server)
     native_body = {"prompt": "a dog", "width": 64, "height": 64, "output_format": "json", "num_inference_steps": 3}
     calls = [
         lambda: client.images.with_raw_response.generate(prompt="a cat", size="64x64",
                                                          extra_body={"seed": 1, "num_inference_steps": 3}),
         lambda: client.images.generate(prompt="a cat", n=9, size="64x64", extra_body={"num_inference_steps": 3}),
-        lambda: predict(batching_server, {**native_body, "seed": 3}),
-        lambda: predict(batching_server, {**native_body, "seed": 4, "width": 72}),  # never in the others' call
+        lambda: predict(batched_server, {**native_body, "seed": 3}),
+        lambda: predict(batched_server, {**native_body, "seed": 4, "width": 72}),  # never in the others' call
     ]
 
     def attempt(call):
@@ -145,7 +131,7 @@ def test_sdk_calls_and_native_calls_in_one_batch_are_each_answered_in_their_own_
         except openai.APIError as error:
             return error
 
-    offset = log_offset(batching_server)
+    offset = log_offset(batched_server)
     shared = None
     for _ in range(MAX_ROUNDS):
         with ThreadPoolExecutor(len(calls)) as pool:
@@ -161,9 +147,9 @@ def test_sdk_calls_and_native_calls_in_one_batch_are_each_answered_in_their_own_
             shared = pixels(image.b64_json)
             break
     assert shared is not None, f"the SDK and native requests never shared a pipeline call in {MAX_ROUNDS} rounds"
-    assert any(batch.size >= 3 for batch in batches_in(log_since(batching_server, offset)))
+    assert any(batch.size >= 3 for batch in batches_in(log_since(batched_server, offset)))
 
-    alone = predict(batching_server, {**native_body, "prompt": "a cat", "seed": 1})
+    alone = predict(batched_server, {**native_body, "prompt": "a cat", "seed": 1})
     assert alone.status_code == 200 and alone.json()["timings_ms"]["batch_images"] == 1
     assert np.abs(json_images(alone.json())[0].astype(int) - shared.astype(int)).max() <= 2
-    assert error_of(predict(batching_server, {"prompt": "a cat", "n": 2}))["reason"] == "unknown_field"
+    assert error_of(predict(batched_server, {"prompt": "a cat", "n": 2}))["reason"] == "unknown_field"

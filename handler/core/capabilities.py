@@ -29,7 +29,8 @@ class ModelCapabilities:
     tasks: tuple[str, ...] = TASKS
     default_scheduler: str = "pndm"  # what a request that names no scheduler gets
     family: Optional[str] = None  # the folder's model family, where known (sd1, sdxl, sd3, flux, ...)
-    controlnets: tuple[str, ...] = ()  # the packaged ControlNets, by name
+    loras: tuple[str, ...] = ()  # the LoRA adapters a request may name (handler/model/adapters.py)
+    controlnets: tuple[str, ...] = ()  # the packaged ControlNets, by name (handler/model/controlnets.py)
     controlnet_tasks: tuple[str, ...] = ()  # the tasks they work with
 
     def describe(self, default_width: int, default_height: int) -> dict:
@@ -37,14 +38,12 @@ class ModelCapabilities:
         return {"family": self.family, "pipeline_class": self.pipeline_class, "tasks": list(self.tasks),
                 "schedulers": list(self.schedulers), "default_scheduler": self.default_scheduler,
                 "size_multiple": self.size_multiple, "negative_prompt": self.negative_prompt,
-                "default_width": default_width, "default_height": default_height,
+                "default_width": default_width, "default_height": default_height, "loras": list(self.loras),
                 "controlnets": list(self.controlnets), "controlnet_tasks": list(self.controlnet_tasks)}
 
 
-def capabilities_of(pipeline, tasks: tuple[str, ...], controlnets: tuple[str, ...] = (),
-                    controlnet_tasks: tuple[str, ...] = ()) -> ModelCapabilities:
-    """Read the capabilities off a loaded pipeline; ``tasks`` are those the engine could set up for it, and
-    ``controlnets`` the ControlNets it loaded, which work with ``controlnet_tasks``."""
+def capabilities_of(pipeline, tasks: tuple[str, ...]) -> ModelCapabilities:
+    """Read the capabilities off a loaded pipeline; ``tasks`` are those the engine could set up for it."""
     class_name = type(pipeline).__name__
     scale = getattr(pipeline, "vae_scale_factor", 8)
     transformer = getattr(pipeline, "transformer", None)
@@ -62,8 +61,6 @@ def capabilities_of(pipeline, tasks: tuple[str, ...], controlnets: tuple[str, ..
         tasks=tasks,
         default_scheduler=scheduler_name_of(pipeline.scheduler),
         family=family_of(class_name),
-        controlnets=controlnets,
-        controlnet_tasks=controlnet_tasks if controlnets else (),
     )
 
 

@@ -26,17 +26,15 @@ from handler.core.controlnets import (
     ControlCondition, canny_edges,
 )
 from handler.core.encoding import OUTPUT_FORMATS, SINGLE_IMAGE_FORMATS
-from handler.core.failures import MAX_SHOWN, MISSING_PROMPT, UNKNOWN_FIELD, UNSUPPORTED_TASK, invalid, shown
+from handler.core.failures import MAX_SHOWN, Rejection, MISSING_PROMPT, UNKNOWN_FIELD, UNSUPPORTED_TASK, invalid, shown
 from handler.core.images import decode_image
 from handler.core.outpaint import SIDES, Margins, extend_canvas
 from handler.core.settings import HandlerSettings, SettingsError
 
 MAX_SEED = 2**63 - 1  # torch.Generator seeds are 64-bit; JSON clients keep them as signed integers
 MAX_UNKNOWN_SHOWN = 5
+LORA_SCALE_MIN, LORA_SCALE_MAX, LORA_SCALE_DEFAULT = -2.0, 2.0, 1.0  # negative scales steer away ("sliders")
 STREAM_DEFAULT_FORMAT = "png"
-# What a field's capability flag means, for the message of a model without it.
-CAPABILITY_NEEDS = {"negative_prompt": "negative prompts",
-                    "controlnets": "ControlNets (packed with build_mar.sh --controlnet NAME=FOLDER)"}
 
 
 # --- Where a bound comes from --------------------------------------------------------------------------------
@@ -215,6 +213,56 @@ class ImageInput:
 
 
 @dataclass(frozen=True)
+class LoraList:
+    """LoRA adapters by name, each with a scale: ``[{"name": "...", "scale": 0.8}]`` (in a form: that JSON).
+
+    Read into (name, scale) pairs sorted by name, so two requests naming the same set in another order share a
+    pipeline call. Names only: the files are the model's (handler/model/adapters.py).
+    """
+
+    max_items: Bound
+    names: Bound
+    scale: Number = Number(LORA_SCALE_MIN, LORA_SCALE_MAX)
+
+    def rule(self) -> str:
+        return (f"at most {self.max_items} of {{\"name\": one of the model's LoRAs, \"scale\": {self.scale.rule()} "
+                f"(default {LORA_SCALE_DEFAULT:g})}}")
+
+    def read(self, name: str, value, from_form: bool) -> tuple[tuple[str, float], ...]:
+        if from_form and isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise invalid(name, f"{name} must be a JSON list of {{\"name\", \"scale\"}} objects, got "
+                              f"{shown(value)}") from None
+        if not isinstance(value, list) or len(value) > self.max_items:
+            raise invalid(name, f"{name} must be a list of {self.rule()}, got {shown(value)}")
+        chosen = {}
+        for index, item in enumerate(value):
+            where = f"{name}[{index}]"
+            if not isinstance(item, dict) or "name" not in item or set(item) - {"name", "scale"}:
+                raise invalid(name, f"{where} must be an object with a name and optionally a scale, got "
+                              f"{shown(item)}")
+            adapter = item["name"]
+            if not isinstance(adapter, str) or adapter not in self.names:
+                raise invalid(name, f"{where}.name {shown(adapter)} is not a LoRA of this model; available: "
+                              f"{list(self.names)}")
+            if adapter in chosen:
+                raise invalid(name, f"{where}.name {adapter} is named twice; give each LoRA once")
+            try:
+                chosen[adapter] = self.scale.read(f"{where}.scale", item.get("scale", LORA_SCALE_DEFAULT), False)
+            except Rejection as rejection:  # the same message, on the field the request named
+                raise invalid(name, rejection.message) from None
+        return tuple(sorted(chosen.items()))
+
+    def schema(self) -> dict:
+        adapter = {"type": "object", "required": ["name"], "additionalProperties": False,
+                   "properties": {"name": {"type": "string", "enum": list(self.names)},
+                                  "scale": {**self.scale.schema(), "default": LORA_SCALE_DEFAULT}}}
+        return {"type": "array", "maxItems": self.max_items, "items": adapter}
+
+
+@dataclass(frozen=True)
 class OneOrMany:
     """A value, or a list of 1 to ``max_items`` values, each read by ``item`` (one per ControlNet)."""
 
@@ -266,7 +314,7 @@ class Borders:
                 "minProperties": 1}
 
 
-FieldType = Union[Text, Integer, Number, Choice, Boolean, ImageInput, OneOrMany, Borders]
+FieldType = Union[Text, Integer, Number, Choice, Boolean, ImageInput, LoraList, OneOrMany, Borders]
 
 
 # --- The declaration ------------------------------------------------------------------------------------------
@@ -342,6 +390,8 @@ FIELDS: tuple[FieldSpec, ...] = (
               "mask, white = repaint: switches to inpainting", task=INPAINTING, requires=("image",)),
     FieldSpec("strength", Number(0.0, 1.0, exclusive_minimum=True), Setting("default_strength"),
               "how much to change the input image (1 ignores it)", task=IMAGE_TO_IMAGE, requires=("image",)),
+    FieldSpec("loras", LoraList(Setting("max_loras"), Capability("loras")), NONE,
+              "LoRA adapters applied together, each with its scale (0: none of its effect)", capability="loras"),
     FieldSpec("outpaint", Borders(Setting("max_side")), NONE,
               "extend the image's canvas by these pixels per side and paint the new border (inpainting); the "
               "canvas grows on the right and bottom to the size multiple", task=INPAINTING, requires=("image",)),
@@ -376,6 +426,7 @@ CROSS_FIELD_RULES = {  # formatted with the settings' values
     "output_format": "png, jpeg and webp hold one image: num_images must be 1 (streams: any number); streams "
                      "carry png, jpeg or webp",
     "strength": "num_inference_steps x strength >= 1",
+    "loras": "each LoRA at most once",
     "outpaint": "some side above 0; the outpainted canvas must fit the limits of width and height; not with "
                 "width, height, mask_image or controlnet",
     "controlnet": "one control_image per controlnet, and one controlnet_conditioning_scale and control_preprocess "
@@ -383,6 +434,10 @@ CROSS_FIELD_RULES = {  # formatted with the settings' values
     "control_guidance_start": "control_guidance_start < control_guidance_end",
     "canny_low": "canny_low < canny_high",
 }
+# What a field whose ``capability`` the loaded pipeline lacks would need, for the refusal's message.
+CAPABILITY_NEEDS = {"negative_prompt": "negative prompts",
+                    "loras": "LoRA files (build_mar.sh --lora NAME=PATH, or the lora_dir setting)",
+                    "controlnets": "ControlNets (packed with build_mar.sh --controlnet NAME=FOLDER)"}
 
 
 # --- Typed requests -------------------------------------------------------------------------------------------
@@ -404,6 +459,7 @@ class GenerationRequest:
     image: Optional[Image.Image] = field(default=None, compare=False)
     mask_image: Optional[Image.Image] = field(default=None, compare=False)
     strength: Optional[float] = None
+    loras: tuple[tuple[str, float], ...] = ()  # (name, scale) sorted by name; () for the base model
     control: Optional[ControlCondition] = None
 
     @property
@@ -427,7 +483,7 @@ class GenerationRequest:
         """Requests with equal keys can share one pipeline call (a deadline stops a call: only equal ones share)."""
         return (self.task, self.width, self.height, self.num_inference_steps, self.guidance_scale,
                 self.scheduler, self.strength, self.negative_prompt is not None, self.timeout_seconds,
-                self.control.batch_key() if self.control is not None else None)
+                self.loras, self.control.batch_key() if self.control is not None else None)
 
 
 @dataclass(frozen=True)
@@ -525,6 +581,7 @@ class Contract:
             seeds=tuple((seed + offset) % (MAX_SEED + 1) for offset in range(num_images)),
             scheduler=values.get("scheduler"), timeout_seconds=value("timeout_seconds"),
             preview_every=values.get("preview_every", 0), image=image, mask_image=mask_image, strength=strength,
+            loras=values.get("loras", ()),
             control=control,
         )
         return ClientRequest(generation, output_format, stream)

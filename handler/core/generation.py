@@ -52,6 +52,8 @@ class GenerationResult:
         }
         if request.strength is not None:
             parameters["strength"] = request.strength
+        if request.loras:
+            parameters["loras"] = [{"name": name, "scale": scale} for name, scale in request.loras]
         if request.control is not None:
             parameters.update(request.control.parameters())
         return parameters
@@ -79,9 +81,10 @@ class GenerationEngine:
 
     def __init__(self, pipeline, max_batch_pixels: int,
                  on_call: Optional[Callable[[int, int, float], None]] = None, safety_checker: bool = True,
-                 controlnets: Optional[dict] = None):
+                 loras=None, controlnets: Optional[dict] = None):
         """``on_call(images, pixel_steps, seconds)`` is told about every successful pipeline call (metrics).
         ``safety_checker=False`` runs a pipeline that has one without it (an operator's choice).
+        ``loras``: the LoraAdapters (handler/model/adapters.py) that switch LoRA sets per call, if any.
         ``controlnets``: the loaded ControlNet models by name, for requests that name them."""
         from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
 
@@ -89,6 +92,7 @@ class GenerationEngine:
         self.pipeline = pipeline
         self.max_batch_pixels = max_batch_pixels
         self.on_call = on_call
+        self.loras = loras
         self._schedulers = SchedulerFactory(pipeline.scheduler)
         self._default_scheduler = scheduler_name_of(pipeline.scheduler)
         self._previewer = None  # fitted on the first request that asks for previews
@@ -200,6 +204,8 @@ class GenerationEngine:
         if watcher is not None and watcher.deadline is not None and time.perf_counter() > watcher.deadline:
             raise DeadlineExceeded("not started")
         first = group[0]
+        if self.loras is not None:
+            self.loras.activate(first.loras)  # the LoRA modules are shared by every task pipeline
         task_pipeline = self._task_pipeline_of(first)
         pipeline = task_pipeline.pipeline_class(**{**task_pipeline.arguments,
                                                    "scheduler": self._schedulers.create(first.scheduler)})

@@ -42,6 +42,9 @@ class HandlerSettings:
     max_prompt_length: int = 2000
     max_input_image_pixels: int = 4096 * 4096
     max_generation_seconds: float = 300.0
+    max_loras: int = 4
+    max_loaded_loras: int = 8
+    lora_dir: str = ""
     max_controlnets: int = 2
 
     device: str = "auto"
@@ -110,6 +113,10 @@ class HandlerSettings:
         require(0 < self.default_strength <= 1, f"default_strength must be in (0, 1], got {self.default_strength}")
         require(self.max_generation_seconds > 0,
                 f"max_generation_seconds must be more than 0, got {self.max_generation_seconds}")
+        require(self.max_loras >= 1, f"max_loras must be at least 1, got {self.max_loras}")
+        require(self.max_loaded_loras >= self.max_loras,
+                f"max_loaded_loras must be at least max_loras ({self.max_loras}), or one request's LoRAs could not "
+                f"all be loaded; got {self.max_loaded_loras}")
         require(self.torch_threads >= 0, f"torch_threads must be 0 (auto) or more, got {self.torch_threads}")
         for name in ("default_width", "default_height"):
             side = getattr(self, name)

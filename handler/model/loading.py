@@ -3,6 +3,7 @@
 import logging
 import time
 from pathlib import Path
+from typing import Callable, Optional
 
 from handler.model.device import Placement, plan_optimizations
 from handler.model.pipeline_index import null_components, read_model_index
@@ -11,9 +12,12 @@ from handler.core.settings import HandlerSettings
 logger = logging.getLogger(__name__)
 
 
-def load_pipeline(folder: Path, placement: Placement, settings: HandlerSettings = HandlerSettings()):
+def load_pipeline(folder: Path, placement: Placement, settings: HandlerSettings = HandlerSettings(),
+                  prepare: Optional[Callable] = None):
     """Load the pipeline in ``folder`` with ``local_files_only`` (a worker must never reach a hub), place it
-    and apply the speed/memory options the settings ask for."""
+    and apply the speed/memory options the settings ask for.
+
+    ``prepare(pipeline)`` runs before placing and compiling (LoRA hot-swap slots must exist before compiling)."""
     from diffusers import DiffusionPipeline
 
     started = time.perf_counter()
@@ -22,6 +26,8 @@ def load_pipeline(folder: Path, placement: Placement, settings: HandlerSettings 
         overrides.update(safety_checker=None, requires_safety_checker=False)  # skip loading its weights
     pipeline = DiffusionPipeline.from_pretrained(folder, local_files_only=True, dtype=placement.dtype,
                                                  variant=settings.variant or None, **overrides)
+    if prepare is not None:
+        prepare(pipeline)
     steps = plan_optimizations(settings, placement)
     for step in steps:
         apply_optimization(pipeline, step, placement, settings)
@@ -47,8 +53,9 @@ def apply_optimization(pipeline, step: str, placement: Placement, settings: Hand
     elif step == "vae_tiling":
         pipeline.vae.enable_tiling()
     elif step == "torch_compile":
-        name = "unet" if getattr(pipeline, "unet", None) is not None else "transformer"
-        setattr(pipeline, name, torch.compile(denoiser(pipeline), mode=settings.compile_mode))
+        # In place (nn.Module.compile), so the pipeline keeps the module itself: LoRA loading and hot-swap
+        # find their adapters on it, which a torch.compile() wrapper would hide.
+        denoiser(pipeline).compile(mode=settings.compile_mode)
     else:
         raise ValueError(f"unknown optimization step {step!r}")
 
