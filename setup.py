@@ -32,6 +32,8 @@ setup(
         "tqdm",
         "peft",
         "opencv-python-headless",
+        "compel",
+        "sentencepiece",
     ],
     extras_require={"test": ["pytest", "hypothesis", "hypothesis-jsonschema", "jsonschema", "openai"]},
 )

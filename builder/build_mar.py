@@ -34,6 +34,9 @@ VARIANT_PATTERNS = ["*/*.*.safetensors"]
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 MODEL_INDEX = "model_index.json"
 PIPELINE_SEARCH_DEPTH = 3  # --model-dir levels searched for model_index.json (hub cache: hub/models--X/snapshots/REV)
+TRANSLATOR_FOLDER = "translator"  # where the handler looks for it (handler/model/translation.py)
+# Weights for other frameworks that hub translation models carry beside the PyTorch ones: never needed here.
+OTHER_FRAMEWORK_WEIGHTS = ("tf_model.h5", "flax_model.msgpack", "rust_model.ot")
 
 
 def progress(message: str) -> None:
@@ -63,6 +66,9 @@ def parse_arguments(argv=None) -> argparse.Namespace:
                         help="pack a LoRA file (diffusers/PEFT or kohya .safetensors) that requests may name; "
                              "repeatable; each is loaded into the pipeline first and refused if it does not fit")
     parser.add_argument("--vae", type=Path, help="a diffusers VAE folder that replaces the pipeline's VAE")
+    parser.add_argument("--translator", type=Path,
+                        help="a transformers translation model folder (MarianMT, e.g. opus-mt-zh-en) to pack; "
+                             "prompts are translated per the translate setting")
     parser.add_argument("--force", action="store_true",
                         help="overwrite an existing archive of the same name in the export path")
     parser.add_argument("--controlnet", action="append", default=[], metavar="NAME=FOLDER",
@@ -218,6 +224,34 @@ def stage_loras(loras: list[tuple[str, Path]], staging: Path) -> None:
         os.chmod(destination, 0o644)
 
 
+def translator_files(folder: Path) -> list[Path]:
+    """The files of a translation model folder to pack: configs, tokenizer files and one set of PyTorch weights."""
+    if not (folder / "config.json").is_file():
+        raise SystemExit(f"build_mar: --translator {folder} holds no config.json; pass a transformers translation "
+                         "model folder (as save_pretrained writes it, e.g. a download of Helsinki-NLP/opus-mt-zh-en)")
+    files = [path for path, _ in pipeline_files(folder) if path.name not in OTHER_FRAMEWORK_WEIGHTS]
+    if any(path.suffix == ".safetensors" for path in files):
+        files = [path for path in files if path.suffix != ".bin"]
+    if not any(path.suffix in (".safetensors", ".bin") for path in files):
+        raise SystemExit(f"build_mar: --translator {folder} holds no PyTorch weights (model.safetensors or "
+                         "pytorch_model.bin)")
+    return files
+
+
+def stage_translator(folder: Path, staging: Path) -> None:
+    """Copy the translator into the staging folder, world-readable, with progress."""
+    files = translator_files(folder)
+    total = sum(path.stat().st_size for path in files)
+    written = 0
+    for path in files:
+        destination = staging / TRANSLATOR_FOLDER / path.relative_to(folder)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, destination)
+        os.chmod(destination, 0o644)
+        written += path.stat().st_size
+        progress(f"  translator: copied {path.relative_to(folder)} ({_megabytes(written)}/{_megabytes(total)} MB)")
+
+
 def stage_handler(staging: Path) -> None:
     """Copy the handler package into the staging folder, so the archive runs without this repository."""
     shutil.copytree(SHIPPED_PACKAGE, staging / SHIPPED_PACKAGE.name,
@@ -268,6 +302,8 @@ def build(arguments: argparse.Namespace) -> Path:
     refuse_to_overwrite(arguments)
     if not arguments.config_file.is_file():
         raise SystemExit(f"build_mar: config file {arguments.config_file} not found")
+    if arguments.translator is not None:
+        translator_files(arguments.translator)  # refuse a wrong folder before building or downloading anything
     folder = pipeline_source(arguments)
     if arguments.vae is not None:
         check_vae(folder, arguments.vae)
@@ -280,6 +316,9 @@ def build(arguments: argparse.Namespace) -> Path:
     staging.mkdir(parents=True)
     stage_handler(staging)
     stage_loras(arguments.lora, staging)
+    if arguments.translator is not None:
+        progress(f"packing the translator {arguments.translator} into {TRANSLATOR_FOLDER}/")
+        stage_translator(arguments.translator, staging)
     if arguments.controlnet:
         from builder.controlnets import ControlNetError, stage_controlnets
 

@@ -266,7 +266,7 @@ class OpenAIDoor:
         document = {
             "created": int(time.time()),
             "data": [{"b64_json": base64.b64encode(image_file(image, call.image_format, parameters, seed))
-                      .decode("ascii"), "revised_prompt": generation.prompt}
+                      .decode("ascii"), "revised_prompt": generation.model_prompt}
                      for image, seed in zip(outcome.images, generation.seeds)],
             "background": "opaque",
             "output_format": call.image_format,

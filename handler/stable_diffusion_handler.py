@@ -25,6 +25,7 @@ from handler.core.contract import ClientRequest, Contract, GenerationRequest
 from handler.core.encoding import encode_images, result_document
 from handler.core.failures import INTERNAL_ERROR, TIMEOUT, Rejection
 from handler.core.generation import GenerationEngine, GenerationResult
+from handler.core.prompts import prompt_encoder_for
 from handler.core.settings import HandlerSettings
 from handler.metrics import ServiceMetrics
 from handler.streaming import StreamSender
@@ -34,6 +35,7 @@ from handler.model.adapters import find_loras, serve_loras
 from handler.model.loading import load_pipeline
 from handler.model.pipeline_files import locate_pipeline
 from handler.model.pipeline_index import pipeline_class_name
+from handler.model.translation import load_translator
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +51,7 @@ class StableDiffusionHandler(BaseHandler):
         self.registry = None
         self.metrics = None
         self.openai = None
+        self.translator = None
 
     def initialize(self, context):
         started = time.perf_counter()
@@ -73,7 +76,10 @@ class StableDiffusionHandler(BaseHandler):
         controlnets = load_controlnets(controlnet_folders(model_dir), placement)
         self.metrics = ServiceMetrics(context.metrics, context.model_name)
         self.engine = GenerationEngine(pipeline, settings.max_batch_pixels, on_call=self._record_call,
-                                       safety_checker=settings.safety_checker, loras=loras, controlnets=controlnets)
+                                       safety_checker=settings.safety_checker, loras=loras,
+                                       prompt_encoder=prompt_encoder_for(pipeline, settings.prompt_syntax),
+                                       controlnets=controlnets)
+        self.translator = load_translator(model_dir, settings.translate, placement.device)
         self.contract = Contract(settings, replace(
             capabilities_of(pipeline, self.engine.tasks), loras=loras.names if loras is not None else (),
             controlnets=tuple(controlnets),
@@ -98,11 +104,14 @@ class StableDiffusionHandler(BaseHandler):
         return output
 
     def describe_handle(self):
-        """``GET /models/{name}?customized=true``: the request schema and capabilities of this loaded model."""
+        """``GET /models/{name}?customized=true``: the request schema and capabilities of this loaded model, and
+        how it reads prompts (``translate`` is ``never`` where no translator is loaded)."""
         settings = self.settings
         return json.dumps({
             "request_schema": self.contract.json_schema(),
             "capabilities": self.contract.capabilities.describe(settings.default_width, settings.default_height),
+            "prompts": {"prompt_syntax": settings.prompt_syntax,
+                        "translate": settings.translate if self.translator is not None else "never"},
         })
 
     def preprocess(self, data):
@@ -113,6 +122,8 @@ class StableDiffusionHandler(BaseHandler):
         started = time.perf_counter()
         work = [item.generation if isinstance(item, ClientRequest) else
                 item.work() if isinstance(item, openai_api.OpenAICall) else item for item in data]
+        if self.translator is not None:
+            work = self.translator.apply(work)
         logger.info("worker %d generating for %d request(s)", os.getpid(),
                     sum(isinstance(item, GenerationRequest) for item in work))
         streams = {index: item.generation.seeds for index, item in enumerate(data)

@@ -77,6 +77,14 @@ def error_of(response: requests.Response) -> dict:
     return error
 
 
+# --- Prompts -------------------------------------------------------------------------------------------------------
+
+# Two prompts longer than CLIP's 77-token window that differ only after it (the tiny tokenizer has one token per
+# non-space character): plain truncation gives them the same image, chunked encoding does not.
+LONG_PROMPT = "a lighthouse on a cliff above a stormy sea, waves, spray, gulls, dramatic clouds, oil painting at dusk"
+LONG_PROMPT_CHANGED = LONG_PROMPT[:-4] + "dawn"
+
+
 # --- Response bodies ---------------------------------------------------------------------------------------------
 
 def npy(response: requests.Response) -> np.ndarray:

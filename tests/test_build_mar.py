@@ -146,3 +146,29 @@ def test_force_overwrites_and_another_name_builds_beside(tmp_path, archive_forma
     else:
         assert not (path / "previous-build").exists()
         assert (path / "MAR-INF" / "MANIFEST.json").is_file() and (path / "pipeline" / "model_index.json").is_file()
+
+
+def test_a_translator_folder_without_config_is_refused_before_any_work(tmp_path):
+    (tmp_path / "opus-mt").mkdir()
+    (tmp_path / "opus-mt" / "source.spm").write_bytes(b"x")
+    result = build_mar("--tiny", "--translator", tmp_path / "opus-mt", "--export-path", tmp_path / "store",
+                       "--work-dir", tmp_path / "work")
+    assert result.returncode != 0 and "holds no config.json" in result.stderr
+    assert not (tmp_path / "work").exists()
+
+
+def test_a_translator_packs_one_set_of_pytorch_weights(tmp_path):
+    from builder.build_mar import translator_files
+
+    folder = tmp_path / "opus-mt"
+    folder.mkdir()
+    for name in ("config.json", "vocab.json", "source.spm", "target.spm", "model.safetensors", "pytorch_model.bin",
+                 "tf_model.h5", "rust_model.ot", ".gitattributes"):
+        (folder / name).write_bytes(b"x")
+    assert sorted(path.name for path in translator_files(folder)) == [
+        "config.json", "model.safetensors", "source.spm", "target.spm", "vocab.json"]
+    (folder / "model.safetensors").unlink()
+    assert "pytorch_model.bin" in [path.name for path in translator_files(folder)]
+    (folder / "pytorch_model.bin").unlink()
+    with pytest.raises(SystemExit, match="holds no PyTorch weights"):
+        translator_files(folder)

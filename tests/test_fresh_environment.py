@@ -27,9 +27,10 @@ pytestmark = pytest.mark.serving
 
 # What a worker needs: TorchServe, torch and the diffusers stack (transformers for the text encoders,
 # accelerate and safetensors for loading), numpy and pillow for images, scipy for some schedulers, PyYAML
-# for TorchServe's model config, peft for LoRA adapters. psutil comes with torchserve.
+# for TorchServe's model config, peft for LoRA adapters, compel for prompt_syntax compel and sentencepiece
+# for a packed MarianMT translator's tokenizer. psutil comes with torchserve.
 RUNTIME = ["torch", "torchserve", "diffusers", "transformers", "accelerate", "safetensors", "numpy", "pillow",
-           "scipy", "PyYAML", "peft"]
+           "scipy", "PyYAML", "peft", "compel", "sentencepiece"]
 REQUEST = {"prompt": "a cat", "num_inference_steps": 2, "width": 64, "height": 64, "output_format": "png"}
 REPOSITORY_MODULES = ["handler", "builder", "sdclient", "harness"]
 

@@ -239,3 +239,4 @@ def test_describe_gives_the_schema_and_capabilities_of_the_loaded_model(served_h
     assert set(schema["properties"]["scheduler"]["enum"]) == set(capabilities["schedulers"])
     assert capabilities["tasks"] == ["text-to-image", "image-to-image", "inpainting"]
     assert capabilities["default_scheduler"] == "pndm" and capabilities["default_width"] == 768
+    assert described["prompts"] == {"prompt_syntax": "plain", "translate": "never"}  # no translator packed

@@ -461,6 +461,17 @@ class GenerationRequest:
     strength: Optional[float] = None
     loras: tuple[tuple[str, float], ...] = ()  # (name, scale) sorted by name; () for the base model
     control: Optional[ControlCondition] = None
+    prompt_translated: Optional[str] = None  # set by the translator (handler/model/translation.py)
+    negative_prompt_translated: Optional[str] = None
+
+    @property
+    def model_prompt(self) -> str:
+        """The prompt the model reads: the translation, where there is one."""
+        return self.prompt if self.prompt_translated is None else self.prompt_translated
+
+    @property
+    def model_negative_prompt(self) -> Optional[str]:
+        return self.negative_prompt if self.negative_prompt_translated is None else self.negative_prompt_translated
 
     @property
     def num_images(self) -> int:

@@ -21,6 +21,7 @@ from handler.core.controlnets import control_arguments, controlnet_pipeline
 from handler.core.failures import INTERNAL_ERROR, OUT_OF_MEMORY, TIMEOUT, Rejection
 from handler.core.previews import LatentPreviewer
 from handler.core.progress import DeadlineExceeded, Progress, StepWatcher, Watched
+from handler.core.prompts import PromptEncoder, rejection_for
 from handler.core.schedulers import SchedulerFactory, scheduler_name_of
 
 logger = logging.getLogger(__name__)
@@ -54,19 +55,25 @@ class GenerationResult:
             parameters["strength"] = request.strength
         if request.loras:
             parameters["loras"] = [{"name": name, "scale": scale} for name, scale in request.loras]
+        if request.prompt_translated is not None:
+            parameters["prompt_translated"] = request.prompt_translated
+        if request.negative_prompt_translated is not None:
+            parameters["negative_prompt_translated"] = request.negative_prompt_translated
         if request.control is not None:
             parameters.update(request.control.parameters())
         return parameters
 
 
-def plan_groups(requests: list[GenerationRequest], max_batch_pixels: int) -> list[list[int]]:
+def plan_groups(requests: list[GenerationRequest], max_batch_pixels: int,
+                keys: Optional[list[tuple]] = None) -> list[list[int]]:
     """Indices of ``requests`` grouped into pipeline calls: equal batch keys, at most ``max_batch_pixels``.
 
+    ``keys``: each request's key, when the engine adds to ``batch_key()`` (the prompt's chunk count).
     Groups keep the order in which their first request arrived.
     """
     by_key: dict[tuple, list[list[int]]] = {}
     for index, request in enumerate(requests):
-        chunks = by_key.setdefault(request.batch_key(), [[]])
+        chunks = by_key.setdefault(keys[index] if keys is not None else request.batch_key(), [[]])
         current = chunks[-1]
         used = sum(requests[i].pixels for i in current)
         if current and used + request.pixels > max_batch_pixels:
@@ -81,10 +88,11 @@ class GenerationEngine:
 
     def __init__(self, pipeline, max_batch_pixels: int,
                  on_call: Optional[Callable[[int, int, float], None]] = None, safety_checker: bool = True,
-                 loras=None, controlnets: Optional[dict] = None):
+                 loras=None, prompt_encoder: Optional[PromptEncoder] = None, controlnets: Optional[dict] = None):
         """``on_call(images, pixel_steps, seconds)`` is told about every successful pipeline call (metrics).
         ``safety_checker=False`` runs a pipeline that has one without it (an operator's choice).
         ``loras``: the LoraAdapters (handler/model/adapters.py) that switch LoRA sets per call, if any.
+        ``prompt_encoder``: reads prompts in a weighting syntax, long ones in chunks (None: the pipeline's text).
         ``controlnets``: the loaded ControlNet models by name, for requests that name them."""
         from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
 
@@ -93,6 +101,7 @@ class GenerationEngine:
         self.max_batch_pixels = max_batch_pixels
         self.on_call = on_call
         self.loras = loras
+        self.prompt_encoder = prompt_encoder
         self._schedulers = SchedulerFactory(pipeline.scheduler)
         self._default_scheduler = scheduler_name_of(pipeline.scheduler)
         self._previewer = None  # fitted on the first request that asks for previews
@@ -133,13 +142,36 @@ class GenerationEngine:
         """
         received = time.perf_counter() if received is None else received
         outcomes = list(items)
-        positions = [index for index, item in enumerate(items) if isinstance(item, GenerationRequest)]
+        keys = {}
+        for index, item in enumerate(items):
+            if isinstance(item, GenerationRequest):
+                try:
+                    keys[index] = self._batch_key(item)
+                except Exception as error:  # a prompt the syntax library cannot read costs its request only
+                    logger.info("request %d: the prompt could not be read: %s", index, error)
+                    outcomes[index] = rejection_for(error)
+        positions = list(keys)
         requests = [items[index] for index in positions]
-        for group in plan_groups(requests, self.max_batch_pixels):
+        for group in plan_groups(requests, self.max_batch_pixels, [keys[index] for index in positions]):
             batch = [(positions[i], requests[i]) for i in group]
             for (position, _), outcome in zip(batch, self._run_group(batch, on_progress, received)):
                 outcomes[position] = outcome
         return outcomes
+
+    def _batch_key(self, request: GenerationRequest) -> tuple:
+        """The request's batch key; with a prompt encoder also its chunk count (padding would change images)."""
+        if self.prompt_encoder is None:
+            return request.batch_key()
+        return request.batch_key() + (self.prompt_encoder.length_key(request.model_prompt,
+                                                                      request.model_negative_prompt),)
+
+    def _prompt_arguments(self, per_image: list[tuple[GenerationRequest, int]]) -> dict:
+        """What the pipeline reads the prompts from: the texts, or the prompt encoder's embeddings."""
+        prompts = [request.model_prompt for request, _ in per_image]
+        negatives = [request.model_negative_prompt for request, _ in per_image]
+        if self.prompt_encoder is not None:
+            return self.prompt_encoder.arguments(prompts, negatives)
+        return {"prompt": prompts} if negatives[0] is None else {"prompt": prompts, "negative_prompt": negatives}
 
     def _run_group(self, batch: list[tuple[int, GenerationRequest]], on_progress, received: float) -> list:
         group = [request for _, request in batch]
@@ -212,14 +244,12 @@ class GenerationEngine:
         pipeline.set_progress_bar_config(disable=True)
         per_image = [(request, seed) for request in group for seed in request.seeds]
         arguments = {
-            "prompt": [request.prompt for request, _ in per_image],
+            **self._prompt_arguments(per_image),
             "num_inference_steps": first.num_inference_steps,
             "guidance_scale": first.guidance_scale,
             "generator": [torch.Generator("cpu").manual_seed(seed) for _, seed in per_image],
             "output_type": "np",
         }
-        if first.negative_prompt is not None:
-            arguments["negative_prompt"] = [request.negative_prompt for request, _ in per_image]
         if first.image is not None:
             arguments["image"] = [request.image for request, _ in per_image]
             arguments["strength"] = first.strength

@@ -14,6 +14,8 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 ATTENTION = ("sdpa", "slicing")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+PROMPT_SYNTAXES = ("plain", "a1111", "compel")  # how prompts are read: handler/core/prompts.py
+TRANSLATE_MODES = ("auto", "always", "never")  # auto: prompts with CJK characters, when a translator is packed
 
 
 class SettingsError(ValueError):
@@ -60,6 +62,8 @@ class HandlerSettings:
     cpu_offload: bool = False
     variant: str = ""
     safety_checker: bool = True
+    prompt_syntax: str = "plain"
+    translate: str = "auto"
 
     @classmethod
     def from_mapping(cls, values: Optional[Mapping[str, Any]]) -> "HandlerSettings":
@@ -98,6 +102,10 @@ class HandlerSettings:
         require(self.attention in ATTENTION, f"attention must be one of {list(ATTENTION)}, got {self.attention!r}")
         require(self.compile_mode in COMPILE_MODES,
                 f"compile_mode must be one of {list(COMPILE_MODES)}, got {self.compile_mode!r}")
+        require(self.prompt_syntax in PROMPT_SYNTAXES,
+                f"prompt_syntax must be one of {list(PROMPT_SYNTAXES)}, got {self.prompt_syntax!r}")
+        require(self.translate in TRANSLATE_MODES,
+                f"translate must be one of {list(TRANSLATE_MODES)}, got {self.translate!r}")
         require(self.min_side >= 8 and self.min_side % 8 == 0, f"min_side must be a multiple of 8, got {self.min_side}")
         require(self.max_side >= self.min_side and self.max_side % 8 == 0,
                 f"max_side must be a multiple of 8 and at least min_side, got {self.max_side}")
