@@ -6,6 +6,7 @@
 #   ./build_mar.sh --model-id stabilityai/stable-diffusion-2-1 [--revision main]
 # An existing model_store/<name>.mar (or <name>/ folder) is never overwritten without --force:
 #   ./build_mar.sh --tiny --force                  # rebuild model_store/stable_diffusion.mar
+#   ./build_mar.sh --tiny --controlnet edges=build/cn-sd1   # pack ControlNets (repeatable), checked to fit
 # Pack a translation model (prompts in Chinese etc. are translated first; see README, "Prompts"):
 #   ./build_mar.sh --tiny --translator /path/to/opus-mt-zh-en
 # Options: --name NAME, --archive-format zip|no-archive, --config-file FILE, --export-path DIR, --force (see --help).

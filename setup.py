@@ -31,6 +31,7 @@ setup(
         "requests",
         "tqdm",
         "peft",
+        "opencv-python-headless",
         "compel",
         "sentencepiece",
     ],

@@ -71,6 +71,9 @@ def parse_arguments(argv=None) -> argparse.Namespace:
                              "prompts are translated per the translate setting")
     parser.add_argument("--force", action="store_true",
                         help="overwrite an existing archive of the same name in the export path")
+    parser.add_argument("--controlnet", action="append", default=[], metavar="NAME=FOLDER",
+                        help="pack a diffusers ControlNet folder under NAME, checked against the pipeline "
+                             "(repeatable)")
     arguments = parser.parse_args(argv)
     if arguments.revision and not arguments.model_id:
         parser.error("--revision goes with --model-id")
@@ -316,6 +319,15 @@ def build(arguments: argparse.Namespace) -> Path:
     if arguments.translator is not None:
         progress(f"packing the translator {arguments.translator} into {TRANSLATOR_FOLDER}/")
         stage_translator(arguments.translator, staging)
+    if arguments.controlnet:
+        from builder.controlnets import ControlNetError, stage_controlnets
+
+        progress(f"checking and staging {len(arguments.controlnet)} ControlNet(s)")
+        try:
+            stage_controlnets(arguments.controlnet, folder, staging, progress)
+        except ControlNetError as error:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise SystemExit(f"build_mar: {error}") from None
     if arguments.archive_format == "zip":
         progress(f"[1/2] packing {folder} into {PIPELINE_ZIP}")
         zip_pipeline(folder, staging / PIPELINE_ZIP, arguments.vae)

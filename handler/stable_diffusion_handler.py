@@ -20,6 +20,7 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from handler import kserve_api, openai_api, wire
 from handler.core.capabilities import capabilities_of
+from handler.core.controlnets import controlnet_tasks
 from handler.core.contract import ClientRequest, Contract, GenerationRequest
 from handler.core.encoding import encode_images, result_document
 from handler.core.failures import INTERNAL_ERROR, TIMEOUT, Rejection
@@ -28,6 +29,7 @@ from handler.core.prompts import prompt_encoder_for
 from handler.core.settings import HandlerSettings
 from handler.metrics import ServiceMetrics
 from handler.streaming import StreamSender
+from handler.model.controlnets import controlnet_folders, load_controlnets
 from handler.model.adapters import find_loras, serve_loras
 from handler.model.device import (WorkerRegistry, available_cores, choose_placement, select_device,
                                   threads_per_worker)
@@ -78,16 +80,20 @@ class StableDiffusionHandler(BaseHandler):
         pipeline = load_pipeline(folder, placement, settings, prepare=lambda loaded: prepared.update(loras=serve_loras(
             loaded, lora_files, settings.max_loras, settings.max_loaded_loras, hotswap=settings.torch_compile)))
         loras = prepared["loras"]
+        controlnets = load_controlnets(controlnet_folders(model_dir), placement)
         self.metrics = ServiceMetrics(context.metrics, context.model_name)
         buckets = warmup_buckets(settings)
         cuda_graphs = settings.torch_compile and settings.compile_mode == "reduce-overhead"
         self.engine = GenerationEngine(pipeline, settings.max_batch_pixels, on_call=self._record_call,
                                        safety_checker=settings.safety_checker, loras=loras,
                                        prompt_encoder=prompt_encoder_for(pipeline, settings.prompt_syntax),
+                                       controlnets=controlnets,
                                        call_shapes=frozenset(buckets) if cuda_graphs else None)
         self.translator = load_translator(model_dir, settings.translate, placement.device)
-        self.contract = Contract(settings, replace(capabilities_of(pipeline, self.engine.tasks),
-                                                   loras=loras.names if loras is not None else ()))
+        self.contract = Contract(settings, replace(
+            capabilities_of(pipeline, self.engine.tasks), loras=loras.names if loras is not None else (),
+            controlnets=tuple(controlnets),
+            controlnet_tasks=controlnet_tasks(type(pipeline).__name__, self.engine.tasks) if controlnets else ()))
         self.openai = openai_api.OpenAIDoor(self.contract, context.model_name,
                                             openai_api.archive_created(context.manifest))
         self.kserve = kserve_api.KServeDoor(self.contract, context.model_name,

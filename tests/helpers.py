@@ -26,6 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL = "stable_diffusion"
 # A request that takes a few hundred milliseconds on a CPU: the smallest side the contract allows.
 SMALL = {"num_inference_steps": 2, "width": 64, "height": 64}
+CONTROLNET_NAMES = ("edges", "depth")  # the ControlNets of the family_contracts() SD1 that has some
 
 
 # --- Requests to a served model ----------------------------------------------------------------------------------
@@ -259,15 +260,20 @@ def capabilities_of_family(family: str, tasks: Optional[tuple[str, ...]] = None)
 
 def family_contracts(settings=None) -> dict:
     """A Contract per family (builder/families.py), plus an SD1 that offers text-to-image only (a pipeline
-    whose image-to-image and inpainting variants could not be set up); default settings unless given."""
+    whose image-to-image and inpainting variants could not be set up) and an SD1 with two ControlNets;
+    default settings unless given."""
+    from dataclasses import replace
+
     from builder.families import FAMILIES
-    from handler.core.capabilities import TEXT_TO_IMAGE
+    from handler.core.capabilities import IMAGE_TO_IMAGE, TEXT_TO_IMAGE
     from handler.core.contract import Contract
     from handler.core.settings import HandlerSettings
 
     settings = settings or HandlerSettings()
     contracts = {family: Contract(settings, capabilities_of_family(family)) for family in FAMILIES}
     contracts["sd1-text-to-image-only"] = Contract(settings, capabilities_of_family("sd1", (TEXT_TO_IMAGE,)))
+    contracts["sd1-controlnets"] = Contract(settings, replace(
+        capabilities_of_family("sd1"), controlnets=CONTROLNET_NAMES, controlnet_tasks=(TEXT_TO_IMAGE, IMAGE_TO_IMAGE)))
     return contracts
 
 

@@ -42,7 +42,7 @@ SCHEMA_SETTINGS = settings(max_examples=120, deadline=None,
                            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 IMAGE = png_base64(solid(80, 72))  # sides that are multiples of 8 but not (72) of 16
 MASK = png_base64(solid(80, 72, 255, mode="L"))
-REAL_IMAGES = {"image": IMAGE, "mask_image": MASK}
+REAL_IMAGES = {"image": IMAGE, "mask_image": MASK, "control_image": IMAGE}
 
 
 def validator(contract: Contract) -> jsonschema.Draft202012Validator:
@@ -52,8 +52,18 @@ def validator(contract: Contract) -> jsonschema.Draft202012Validator:
 def property_values(contract: Contract) -> dict:
     """A hypothesis-jsonschema strategy per property of the contract's schema."""
     schema = contract.json_schema()
-    return {name: from_schema({"$schema": schema["$schema"], **subschema})
+    return {name: object_values(subschema) if subschema.get("type") == "object" else
+            from_schema({"$schema": schema["$schema"], **subschema})
             for name, subschema in schema["properties"].items()}
+
+
+def object_values(schema: dict):
+    """Objects with some of the schema's properties (outpaint), each drawn from its own schema:
+    hypothesis-jsonschema 0.23.1 cannot draw objects under hypothesis 6.170 ('many' object has no attribute
+    'more'), though it draws their scalar properties."""
+    optional = {name: from_schema(subschema) for name, subschema in schema["properties"].items()}
+    return st.fixed_dictionaries({}, optional=optional).filter(
+        lambda value: len(value) >= schema.get("minProperties", 0))
 
 
 @st.composite
@@ -61,13 +71,18 @@ def schema_bodies(draw, contract: Contract, values: dict):
     """An object the schema allows: its required fields, any optional ones, and what those depend on."""
     schema = contract.json_schema()
     chosen = set(schema["required"]) | {name for name in schema["properties"] if draw(st.booleans())}
-    for name in list(chosen):
-        chosen |= set(schema["dependentRequired"].get(name, ()))
+    while True:  # what the chosen fields need, and what that needs in turn
+        needed = {needed for name in chosen for needed in schema["dependentRequired"].get(name, ())}
+        if needed <= chosen:
+            break
+        chosen |= needed
     return {name: draw(values[name]) for name in schema["properties"] if name in chosen}
 
 
 def with_real_images(body: dict) -> dict:
-    return {name: REAL_IMAGES.get(name, value) for name, value in body.items()}
+    """The body with a real image in each image field (one per item of a list)."""
+    return {name: [REAL_IMAGES[name]] * len(value) if name in REAL_IMAGES and isinstance(value, list) else
+            REAL_IMAGES.get(name, value) for name, value in body.items()}
 
 
 def read_json(contract: Contract, body: dict):

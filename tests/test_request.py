@@ -214,8 +214,9 @@ def test_unknown_field_lists_known_fields(parser):
     assert status_of(error) == 400
     assert error.reason == "unknown_field"
     assert "steps" in error.message
-    for name in parser.fields:  # every field this model offers (loras only where it has LoRA files)
+    for name in parser.fields:  # every field this model offers (loras and controlnet only where it has some)
         assert name in error.message
+
 
 
 def test_prompt_of_wrong_type(parser):

@@ -30,13 +30,16 @@ class ModelCapabilities:
     default_scheduler: str = "pndm"  # what a request that names no scheduler gets
     family: Optional[str] = None  # the folder's model family, where known (sd1, sdxl, sd3, flux, ...)
     loras: tuple[str, ...] = ()  # the LoRA adapters a request may name (handler/model/adapters.py)
+    controlnets: tuple[str, ...] = ()  # the packaged ControlNets, by name (handler/model/controlnets.py)
+    controlnet_tasks: tuple[str, ...] = ()  # the tasks they work with
 
     def describe(self, default_width: int, default_height: int) -> dict:
         """The capabilities as the describe API shows them."""
         return {"family": self.family, "pipeline_class": self.pipeline_class, "tasks": list(self.tasks),
                 "schedulers": list(self.schedulers), "default_scheduler": self.default_scheduler,
                 "size_multiple": self.size_multiple, "negative_prompt": self.negative_prompt,
-                "default_width": default_width, "default_height": default_height, "loras": list(self.loras)}
+                "default_width": default_width, "default_height": default_height, "loras": list(self.loras),
+                "controlnets": list(self.controlnets), "controlnet_tasks": list(self.controlnet_tasks)}
 
 
 def capabilities_of(pipeline, tasks: tuple[str, ...]) -> ModelCapabilities:

@@ -21,9 +21,14 @@ from typing import Any, Mapping, Optional, Union
 from PIL import Image
 
 from handler.core.capabilities import IMAGE_TO_IMAGE, INPAINTING, TEXT_TO_IMAGE, ModelCapabilities
+from handler.core.controlnets import (
+    CANNY, CANNY_HIGH, CANNY_LOW, CANNY_MAX_THRESHOLD, MAX_CONDITIONING_SCALE, NO_PREPROCESS, PREPROCESSORS,
+    ControlCondition, canny_edges,
+)
 from handler.core.encoding import OUTPUT_FORMATS, SINGLE_IMAGE_FORMATS
 from handler.core.failures import MAX_SHOWN, Rejection, MISSING_PROMPT, UNKNOWN_FIELD, UNSUPPORTED_TASK, invalid, shown
 from handler.core.images import decode_image
+from handler.core.outpaint import SIDES, Margins, extend_canvas
 from handler.core.settings import HandlerSettings, SettingsError
 
 MAX_SEED = 2**63 - 1  # torch.Generator seeds are 64-bit; JSON clients keep them as signed integers
@@ -257,7 +262,59 @@ class LoraList:
         return {"type": "array", "maxItems": self.max_items, "items": adapter}
 
 
-FieldType = Union[Text, Integer, Number, Choice, Boolean, ImageInput, LoraList]
+@dataclass(frozen=True)
+class OneOrMany:
+    """A value, or a list of 1 to ``max_items`` values, each read by ``item`` (one per ControlNet)."""
+
+    item: Any
+    max_items: Bound
+
+    def rule(self) -> str:
+        return f"{self.item.rule()}, or a list of 1 to {self.max_items} of them"
+
+    def read(self, name: str, value, from_form: bool) -> tuple:
+        values = value if isinstance(value, list) else [value]
+        if not 1 <= len(values) <= self.max_items:
+            raise invalid(name, f"{name} must be {self.rule()}, got a list of {len(values)}")
+        return tuple(self.item.read(name, one, from_form) for one in values)
+
+    def schema(self) -> dict:
+        item = self.item.schema()
+        return {"anyOf": [item, {"type": "array", "items": item, "minItems": 1, "maxItems": self.max_items}]}
+
+
+@dataclass(frozen=True)
+class Borders:
+    """Pixels to add on each side: an object with some of left, right, top and bottom."""
+
+    maximum: Bound
+
+    def rule(self) -> str:
+        return (f"an object with some of {list(SIDES)}, each an integer between 0 and {self.maximum}, one of "
+                "them above 0")
+
+    def read(self, name: str, value, from_form: bool) -> Margins:
+        if from_form and isinstance(value, str):
+            value = _form_object(name, value)
+        if not isinstance(value, dict) or set(value) - set(SIDES):
+            raise invalid(name, f"{name} must be {self.rule()}, got {shown(value)}")
+        sides = {}
+        for side, pixels in value.items():
+            if isinstance(pixels, bool) or not isinstance(pixels, int) or not 0 <= pixels <= self.maximum:
+                raise invalid(name, f"{name}.{side} must be an integer between 0 and {self.maximum}, got "
+                              f"{shown(pixels)}")
+            sides[side] = pixels
+        if not any(sides.values()):
+            raise invalid(name, f"{name} must add at least one pixel on some side, got {shown(value)}")
+        return Margins(**sides)
+
+    def schema(self) -> dict:
+        side = {"type": "integer", "minimum": 0, "maximum": self.maximum}
+        return {"type": "object", "properties": {name: side for name in SIDES}, "additionalProperties": False,
+                "minProperties": 1}
+
+
+FieldType = Union[Text, Integer, Number, Choice, Boolean, ImageInput, LoraList, OneOrMany, Borders]
 
 
 # --- The declaration ------------------------------------------------------------------------------------------
@@ -283,9 +340,8 @@ class FieldSpec:
 
     def bind(self, settings: HandlerSettings, capabilities: ModelCapabilities) -> "FieldSpec":
         """This field with every Setting and Capability replaced by the loaded model's value."""
-        bound_type = replace(self.type, **{name: resolve(getattr(self.type, name), settings, capabilities)
-                                           for name in self.type.__dataclass_fields__})
-        return replace(self, type=bound_type, default=resolve(self.default, settings, capabilities))
+        return replace(self, type=_bind_type(self.type, settings, capabilities),
+                       default=resolve(self.default, settings, capabilities))
 
     def applies_to(self, capabilities: ModelCapabilities) -> bool:
         if self.task is not None and self.task not in capabilities.tasks:
@@ -293,7 +349,18 @@ class FieldSpec:
         return self.capability is None or getattr(capabilities, self.capability)
 
 
+def _bind_type(field_type, settings: HandlerSettings, capabilities: ModelCapabilities):
+    """A field type with its bounds resolved, and those of the item type it holds (OneOrMany)."""
+    def bound(value):
+        if isinstance(value, (Setting, Capability)) or not hasattr(value, "__dataclass_fields__"):
+            return resolve(value, settings, capabilities)
+        return _bind_type(value, settings, capabilities)
+
+    return replace(field_type, **{name: bound(getattr(field_type, name)) for name in field_type.__dataclass_fields__})
+
+
 SIDE = Integer(Setting("min_side"), Setting("max_side"), Capability("size_multiple"))
+CONTROL = {"capability": "controlnets"}
 FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("prompt", Text(Setting("max_prompt_length"), required=True), REQUIRED, "what to draw"),
     FieldSpec("negative_prompt", Text(Setting("max_prompt_length")), NONE,
@@ -325,6 +392,31 @@ FIELDS: tuple[FieldSpec, ...] = (
               "how much to change the input image (1 ignores it)", task=IMAGE_TO_IMAGE, requires=("image",)),
     FieldSpec("loras", LoraList(Setting("max_loras"), Capability("loras")), NONE,
               "LoRA adapters applied together, each with its scale (0: none of its effect)", capability="loras"),
+    FieldSpec("outpaint", Borders(Setting("max_side")), NONE,
+              "extend the image's canvas by these pixels per side and paint the new border (inpainting); the "
+              "canvas grows on the right and bottom to the size multiple", task=INPAINTING, requires=("image",)),
+    FieldSpec("controlnet", OneOrMany(Choice(Capability("controlnets")), Setting("max_controlnets")), NONE,
+              "the packaged ControlNet(s) that steer the image by a condition map", requires=("control_image",),
+              **CONTROL),
+    FieldSpec("control_image", OneOrMany(ImageInput("RGB", Setting("max_input_image_pixels")),
+                                         Setting("max_controlnets")), NONE,
+              "the condition map of each controlnet (resized to the output size)", requires=("controlnet",),
+              **CONTROL),
+    FieldSpec("controlnet_conditioning_scale", OneOrMany(Number(0.0, MAX_CONDITIONING_SCALE),
+                                                         Setting("max_controlnets")), 1.0,
+              "how strongly each controlnet steers (one number: all)", requires=("controlnet",), **CONTROL),
+    FieldSpec("control_guidance_start", Number(0.0, 1.0), 0.0,
+              "fraction of the steps after which the controlnets start steering", requires=("controlnet",),
+              **CONTROL),
+    FieldSpec("control_guidance_end", Number(0.0, 1.0), 1.0,
+              "fraction of the steps after which they stop", requires=("controlnet",), **CONTROL),
+    FieldSpec("control_preprocess", OneOrMany(Choice(PREPROCESSORS), Setting("max_controlnets")), NO_PREPROCESS,
+              "per control_image: none (it is the condition map) or canny (edges found on the server, so a photo "
+              "will do); one value: all", requires=("controlnet",), **CONTROL),
+    FieldSpec("canny_low", Integer(0, CANNY_MAX_THRESHOLD), CANNY_LOW,
+              "canny: gradients below it are never edges", requires=("controlnet", "control_preprocess"), **CONTROL),
+    FieldSpec("canny_high", Integer(0, CANNY_MAX_THRESHOLD), CANNY_HIGH,
+              "canny: gradients above it are always edges", requires=("controlnet", "control_preprocess"), **CONTROL),
 )
 FIELD_NAMES = tuple(spec.name for spec in FIELDS)
 # Rules over several fields, which a JSON Schema cannot state; each is a 400 naming the first field.
@@ -335,10 +427,17 @@ CROSS_FIELD_RULES = {  # formatted with the settings' values
                      "carry png, jpeg or webp",
     "strength": "num_inference_steps x strength >= 1",
     "loras": "each LoRA at most once",
+    "outpaint": "some side above 0; the outpainted canvas must fit the limits of width and height; not with "
+                "width, height, mask_image or controlnet",
+    "controlnet": "one control_image per controlnet, and one controlnet_conditioning_scale and control_preprocess "
+                  "per controlnet or one for all; with text-to-image and image-to-image",
+    "control_guidance_start": "control_guidance_start < control_guidance_end",
+    "canny_low": "canny_low < canny_high",
 }
 # What a field whose ``capability`` the loaded pipeline lacks would need, for the refusal's message.
 CAPABILITY_NEEDS = {"negative_prompt": "negative prompts",
-                    "loras": "LoRA files (build_mar.sh --lora NAME=PATH, or the lora_dir setting)"}
+                    "loras": "LoRA files (build_mar.sh --lora NAME=PATH, or the lora_dir setting)",
+                    "controlnets": "ControlNets (packed with build_mar.sh --controlnet NAME=FOLDER)"}
 
 
 # --- Typed requests -------------------------------------------------------------------------------------------
@@ -361,6 +460,7 @@ class GenerationRequest:
     mask_image: Optional[Image.Image] = field(default=None, compare=False)
     strength: Optional[float] = None
     loras: tuple[tuple[str, float], ...] = ()  # (name, scale) sorted by name; () for the base model
+    control: Optional[ControlCondition] = None
     prompt_translated: Optional[str] = None  # set by the translator (handler/model/translation.py)
     negative_prompt_translated: Optional[str] = None
 
@@ -393,7 +493,8 @@ class GenerationRequest:
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one pipeline call (a deadline stops a call: only equal ones share)."""
         return (self.task, self.width, self.height, self.num_inference_steps, self.guidance_scale,
-                self.scheduler, self.strength, self.negative_prompt is not None, self.timeout_seconds, self.loras)
+                self.scheduler, self.strength, self.negative_prompt is not None, self.timeout_seconds,
+                self.loras, self.control.batch_key() if self.control is not None else None)
 
 
 @dataclass(frozen=True)
@@ -460,6 +561,8 @@ class Contract:
         if output_format in SINGLE_IMAGE_FORMATS and num_images > 1 and not stream:
             raise invalid("output_format", f"output_format {output_format} holds one image but num_images is "
                           f"{num_images}; use json, npy or array for several images")
+        self._check_outpaint(given)
+        control_counts = self._check_control(values)
         explicit_size = "image" not in given or ("width" in values and "height" in values)
         if explicit_size:
             self._check_pixels(value("width"), value("height"), num_images)
@@ -468,6 +571,8 @@ class Contract:
         images = {name: self.fields[name].type.decode(name, values[name])
                   for name in ("image", "mask_image") if name in given}
         image, mask_image = images.get("image"), images.get("mask_image")
+        if "outpaint" in values:
+            image, mask_image = self._outpainted(image, values["outpaint"], num_images)
         width, height = value("width"), value("height")
         if image is not None:
             width, height = (values[name] if name in values else self._side_of(image, name)
@@ -479,6 +584,7 @@ class Contract:
             if mask_image is not None and mask_image.size != (width, height):
                 mask_image = mask_image.resize((width, height), Image.Resampling.NEAREST)
 
+        control = self._control(values, control_counts, width, height) if "controlnet" in values else None
         seed = values.get("seed", secrets.randbelow(MAX_SEED + 1))
         generation = GenerationRequest(
             prompt=values["prompt"], negative_prompt=values.get("negative_prompt"), num_inference_steps=steps,
@@ -487,6 +593,7 @@ class Contract:
             scheduler=values.get("scheduler"), timeout_seconds=value("timeout_seconds"),
             preview_every=values.get("preview_every", 0), image=image, mask_image=mask_image, strength=strength,
             loras=values.get("loras", ()),
+            control=control,
         )
         return ClientRequest(generation, output_format, stream)
 
@@ -503,6 +610,77 @@ class Contract:
                 offered = f"; it offers {list(self.capabilities.tasks)}" if spec.task else ""
                 raise invalid(name, f"{name} is not supported by {self.capabilities.pipeline_class}: it needs "
                               f"{what}{offered}; leave the field out", reason=UNSUPPORTED_TASK)
+
+    def _check_outpaint(self, given: Mapping[str, Any]) -> None:
+        if "outpaint" not in given:
+            return
+        for name in ("width", "height", "mask_image", "controlnet"):
+            if name in given:
+                raise invalid("outpaint", f"outpaint sets the size and the mask and runs without ControlNets: "
+                              f"leave {name} out")
+
+    def _outpainted(self, image: Image.Image, margins: Margins, num_images: int) -> tuple[Image.Image, Image.Image]:
+        """The canvas and border mask of an outpainting request, once its size is known to fit the limits."""
+        settings = self.settings
+        width, height = margins.canvas_size(image.width, image.height, self.capabilities.size_multiple)
+        for side, name in ((width, "width"), (height, "height")):
+            if not settings.min_side <= side <= settings.max_side:
+                raise invalid("outpaint", f"the outpainted canvas is {width}x{height}: its {name} ({side}) is "
+                              f"outside {settings.min_side} .. {settings.max_side}; change the borders or the image")
+        if width * height > settings.max_pixels or width * height * num_images > settings.max_request_pixels:
+            raise invalid("outpaint", f"the outpainted canvas is {width}x{height} = {width * height} pixels "
+                          f"(x {num_images} images); at most {settings.max_pixels} pixels an image and "
+                          f"{settings.max_request_pixels} a request are allowed")
+        return extend_canvas(image, margins, self.capabilities.size_multiple)
+
+    def _check_control(self, values: Mapping[str, Any]) -> dict[str, int]:
+        """The cheap ControlNet rules; returns how many values each per-ControlNet field holds."""
+        if "controlnet" not in values:
+            return {}
+        names = values["controlnet"]
+        if "mask_image" in values:
+            raise invalid("controlnet", f"controlnet works with text-to-image and image-to-image "
+                          f"({list(self.capabilities.controlnet_tasks)}); leave mask_image out")
+        if "image" in values and IMAGE_TO_IMAGE not in self.capabilities.controlnet_tasks:
+            raise invalid("controlnet", f"controlnet works here with {list(self.capabilities.controlnet_tasks)} "
+                          "only; leave image out")
+        counts = {}
+        for name in ("control_image", "controlnet_conditioning_scale", "control_preprocess"):
+            count = len(values[name]) if name in values else 1
+            allowed = (len(names),) if name == "control_image" else (1, len(names))
+            if count not in allowed:
+                raise invalid("controlnet", f"controlnet names {len(names)} ControlNet(s) {list(names)} but {name} "
+                              f"holds {count} value(s); give " + " or ".join(map(str, sorted(set(allowed)))))
+            counts[name] = count
+        start, end = (values.get(name, self.fields[name].default)
+                      for name in ("control_guidance_start", "control_guidance_end"))
+        if start >= end:
+            raise invalid("control_guidance_start", f"control_guidance_start ({start}) must be below "
+                          f"control_guidance_end ({end})")
+        low, high = (values.get(name, self.fields[name].default) for name in ("canny_low", "canny_high"))
+        if low >= high:
+            raise invalid("canny_low", f"canny_low ({low}) must be below canny_high ({high})")
+        return counts
+
+    def _control(self, values: Mapping[str, Any], counts: dict[str, int], width: int, height: int) -> ControlCondition:
+        """The ControlNet condition: the control images decoded, sized to the output and preprocessed."""
+        names = values["controlnet"]
+
+        def per_controlnet(name):
+            given = values.get(name, (self.fields[name].default,))
+            return given * len(names) if len(given) == 1 else given
+
+        low, high = (values.get(name, self.fields[name].default) for name in ("canny_low", "canny_high"))
+        item = self.fields["control_image"].type.item
+        images = []
+        for encoded, preprocess in zip(values["control_image"], per_controlnet("control_preprocess")):
+            control_image = item.decode("control_image", encoded)
+            if control_image.size != (width, height):
+                control_image = control_image.resize((width, height), Image.Resampling.LANCZOS)
+            images.append(canny_edges(control_image, low, high) if preprocess == CANNY else control_image)
+        return ControlCondition(names, tuple(images), per_controlnet("controlnet_conditioning_scale"),
+                                values.get("control_guidance_start", self.fields["control_guidance_start"].default),
+                                values.get("control_guidance_end", self.fields["control_guidance_end"].default))
 
     def _side_of(self, image: Image.Image, name: str) -> int:
         """An input image's side rounded down to the size multiple; must fit the side limits as it is."""
@@ -565,6 +743,14 @@ def _given(value, from_form: bool) -> bool:
     if value is None:
         return False
     return not (from_form and isinstance(value, str) and value.strip() == "")
+
+
+def _form_object(name: str, text: str):
+    """A form field holding a JSON object (outpaint)."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise invalid(name, f"{name} must be a JSON object, got {shown(text)}") from None
 
 
 def _form_number(name: str, text: str, kind: type):

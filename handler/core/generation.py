@@ -18,6 +18,7 @@ import torch
 
 from handler.core.capabilities import IMAGE_TO_IMAGE, INPAINTING, TEXT_TO_IMAGE
 from handler.core.contract import GenerationRequest
+from handler.core.controlnets import control_arguments, controlnet_pipeline
 from handler.core.failures import INTERNAL_ERROR, INVALID_FIELD, OUT_OF_MEMORY, TIMEOUT, Rejection
 from handler.core.previews import LatentPreviewer
 from handler.core.progress import DeadlineExceeded, Progress, StepWatcher, Watched
@@ -59,6 +60,8 @@ class GenerationResult:
             parameters["prompt_translated"] = request.prompt_translated
         if request.negative_prompt_translated is not None:
             parameters["negative_prompt_translated"] = request.negative_prompt_translated
+        if request.control is not None:
+            parameters.update(request.control.parameters())
         return parameters
 
 
@@ -86,12 +89,13 @@ class GenerationEngine:
 
     def __init__(self, pipeline, max_batch_pixels: int,
                  on_call: Optional[Callable[[int, int, float], None]] = None, safety_checker: bool = True,
-                 loras=None, prompt_encoder: Optional[PromptEncoder] = None,
+                 loras=None, prompt_encoder: Optional[PromptEncoder] = None, controlnets: Optional[dict] = None,
                  call_shapes: Optional[frozenset] = None):
         """``on_call(images, pixel_steps, seconds)`` is told about every successful pipeline call (metrics).
         ``safety_checker=False`` runs a pipeline that has one without it (an operator's choice).
         ``loras``: the LoraAdapters (handler/model/adapters.py) that switch LoRA sets per call, if any.
         ``prompt_encoder``: reads prompts in a weighting syntax, long ones in chunks (None: the pipeline's text).
+        ``controlnets``: the loaded ControlNet models by name, for requests that name them.
         ``call_shapes``, a set of (width, height, images), bounds the calls to those shapes (CUDA graphs keep
         one recording per shape, so an unbounded set of shapes would use unbounded memory)."""
         from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
@@ -106,7 +110,12 @@ class GenerationEngine:
         self._schedulers = SchedulerFactory(pipeline.scheduler)
         self._default_scheduler = scheduler_name_of(pipeline.scheduler)
         self._previewer = None  # fitted on the first request that asks for previews
+        self._safety_checker = safety_checker
         self._task_pipelines = {TEXT_TO_IMAGE: _task_pipeline(pipeline, safety_checker)}
+        self._controlnets = dict(controlnets or {})
+        # (task, ControlNet names) -> TaskPipeline, built on first use: the combinations a client may name are
+        # bounded by tasks x ordered choices of at most max_controlnets names.
+        self._controlnet_pipelines: dict[tuple, TaskPipeline] = {}
         for task, auto_class in ((IMAGE_TO_IMAGE, AutoPipelineForImage2Image),
                                  (INPAINTING, AutoPipelineForInpainting)):
             try:
@@ -257,7 +266,7 @@ class GenerationEngine:
         first = group[0]
         if self.loras is not None:
             self.loras.activate(first.loras)  # the LoRA modules are shared by every task pipeline
-        task_pipeline = self._task_pipelines[first.task]
+        task_pipeline = self._task_pipeline_of(first)
         pipeline = task_pipeline.pipeline_class(**{**task_pipeline.arguments,
                                                    "scheduler": self._schedulers.create(first.scheduler)})
         pipeline.set_progress_bar_config(disable=True)
@@ -276,6 +285,9 @@ class GenerationEngine:
             arguments["mask_image"] = [request.mask_image for request, _ in per_image]
         if task_pipeline.takes_size:
             arguments["height"], arguments["width"] = first.height, first.width
+        if first.control is not None:
+            arguments.update(control_arguments(task_pipeline.pipeline_class,
+                                               [request.control for request, _ in per_image]))
         if watcher is not None:
             arguments["callback_on_step_end"] = watcher
         with _vae_dtype_kept(pipeline):
@@ -283,6 +295,17 @@ class GenerationEngine:
         nsfw = getattr(output, "nsfw_content_detected", None)
         images = (np.clip(output.images, 0.0, 1.0) * 255).round().astype(np.uint8)
         return images, ([bool(flag) for flag in nsfw] if nsfw is not None else None)
+
+    def _task_pipeline_of(self, request: GenerationRequest) -> "TaskPipeline":
+        """The task's pipeline, or its ControlNet pipeline with the request's ControlNets."""
+        if request.control is None:
+            return self._task_pipelines[request.task]
+        key = (request.task, request.control.names)
+        if key not in self._controlnet_pipelines:
+            models = [self._controlnets[name] for name in request.control.names]
+            self._controlnet_pipelines[key] = _task_pipeline(
+                controlnet_pipeline(self.pipeline, request.task, models), self._safety_checker)
+        return self._controlnet_pipelines[key]
 
     def _free_memory(self) -> None:
         gc.collect()

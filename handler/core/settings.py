@@ -60,6 +60,7 @@ class HandlerSettings:
     max_loras: int = 4
     max_loaded_loras: int = 8
     lora_dir: str = ""
+    max_controlnets: int = 2
 
     device: str = "auto"
     dtype: str = "auto"
@@ -152,7 +153,7 @@ class HandlerSettings:
         require(self.max_side >= self.min_side and self.max_side % 8 == 0,
                 f"max_side must be a multiple of 8 and at least min_side, got {self.max_side}")
         for name in ("max_steps", "max_images", "max_pixels", "max_request_pixels", "max_batch_pixels",
-                     "max_prompt_length", "max_input_image_pixels"):
+                     "max_prompt_length", "max_input_image_pixels", "max_controlnets"):
             require(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
         require(self.max_request_pixels <= self.max_batch_pixels,
                 "max_request_pixels must not exceed max_batch_pixels, or a valid request could never run")
