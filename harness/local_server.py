@@ -198,9 +198,14 @@ class LocalTorchServe:
                        cwd=self.folder, env=self.environment(), stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL, timeout=timeout, check=False)
         _, alive = psutil.wait_procs(processes, timeout=10)
-        for process in alive:
-            try:
-                process.send_signal(signal.SIGKILL)
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=10)
+        kill_processes(alive)
+
+
+def kill_processes(processes: list[psutil.Process]) -> None:
+    """SIGKILL ``processes`` (those already gone are skipped) and wait until they are."""
+    for process in processes:
+        try:
+            process.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(processes, timeout=10)

@@ -21,7 +21,6 @@ import getpass
 import json
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 import psutil
 import requests
 
-from harness.local_server import LocalTorchServe, free_ports
+from harness.local_server import LocalTorchServe, free_ports, kill_processes
 
 MODEL = "stable_diffusion"
 NGINX_TIMEOUT_S = 600  # generations can take minutes; as TorchServe's default_response_timeout
@@ -195,12 +194,7 @@ def start(run_dir: Path, archive: Path, nodes: int, port: int = 0) -> ClusterSta
 def kill_node(state: ClusterState, index: int) -> None:
     """SIGKILL every process of node ``index`` (its frontend and workers), as a machine failure would."""
     processes = state.node(index).processes()
-    for process in processes:
-        try:
-            process.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(processes, timeout=10)
+    kill_processes(processes)
     log(f"killed node {index + 1} ({len(processes)} processes)")
 
 
