@@ -4,6 +4,7 @@
     python benchmarks/run.py            # full run (about 20 minutes on 2 idle cores)
     python benchmarks/run.py --quick    # smaller sizes and fewer runs (a couple of minutes), to check the script
     python benchmarks/run.py --output results.json
+    python benchmarks/run.py --only workers   # one section (repeatable): overhead, batching, workers, ...
 
 Everything is built and measured in one run, from one tiny random-weight pipeline: the archives (with
 build_mar.sh, as a user builds them), the servers (LocalTorchServe, loopback only, always stopped) and the
@@ -97,6 +98,9 @@ FULL = Plan("full", latency=((768, 2, 10), (768, 50, 5)), clients=8, requests_pe
 QUICK = Plan("quick", latency=((256, 2, 5),), clients=8, requests_per_client=1, throughput_rounds=1,
              encode_runs=3, upstream_encode_runs=1, cold_starts=1, build_bytes=100 * 10**6, build_runs=2)
 
+# The measurements of the module docstring, by name, for --only.
+SECTIONS = ("overhead", "batching", "workers", "encoding", "cold-start", "build")
+
 STARTED = time.monotonic()
 
 
@@ -112,6 +116,8 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--work-dir", type=Path,
                         help="keep archives, server logs and build logs here (default: a temporary folder, "
                              "removed at the end)")
+    parser.add_argument("--only", action="append", choices=SECTIONS, metavar="SECTION",
+                        help=f"run only this section (repeatable; one of {', '.join(SECTIONS)}; default: all)")
     return parser.parse_args(argv)
 
 
@@ -181,18 +187,21 @@ def build_upstream_archive(work: Path, pipeline: Path, store: Path, side: int, s
     shutil.rmtree(staging)
 
 
-def build_archives(work: Path, pipeline: Path, plan: Plan) -> Path:
-    """Our .mar, a batchSize-4 copy of it, and one upstream archive per latency setting, in one model store."""
+def build_archives(work: Path, pipeline: Path, plan: Plan, sections: set[str]) -> Path:
+    """Our .mar, and for the sections that use them a batchSize-4 copy of it and one upstream archive per
+    latency setting, in one model store."""
     store = work / "model_store"
     progress(f"building {OURS}.mar with build_mar.sh --model-dir")
     build_mar(work, f"build-{OURS}", "--model-dir", pipeline, "--export-path", store,
               "--work-dir", work / "scratch", "--name", OURS, "--force")
-    progress(f"building {OURS_BATCHED}.mar (batchSize 4, maxBatchDelay 100)")
-    build_mar(work, f"build-{OURS_BATCHED}", "--model-dir", pipeline, "--export-path", store,
-              "--work-dir", work / "scratch", "--name", OURS_BATCHED, "--config-file", batched_config(work), "--force")
-    for side, steps, _ in plan.latency:
-        progress(f"building the upstream-style baseline archive {upstream_name(side, steps)}.mar")
-        build_upstream_archive(work, pipeline, store, side, steps)
+    if "batching" in sections:
+        progress(f"building {OURS_BATCHED}.mar (batchSize 4, maxBatchDelay 100)")
+        build_mar(work, f"build-{OURS_BATCHED}", "--model-dir", pipeline, "--export-path", store, "--work-dir",
+                  work / "scratch", "--name", OURS_BATCHED, "--config-file", batched_config(work), "--force")
+    if "overhead" in sections:
+        for side, steps, _ in plan.latency:
+            progress(f"building the upstream-style baseline archive {upstream_name(side, steps)}.mar")
+            build_upstream_archive(work, pipeline, store, side, steps)
     return store
 
 
@@ -408,14 +417,15 @@ def measure_load(server: LocalTorchServe, models: dict[str, str], setting: tuple
 
 
 def scale_workers(server: LocalTorchServe, model: str, workers: int, timeout: float = 300) -> None:
-    """Scale through the management API and wait until that many workers are READY."""
+    """Scale up or down through the management API and wait until the model has exactly that many workers,
+    all READY."""
     response = requests.put(f"{server.management_url}/models/{model}",
                             params={"min_worker": workers, "synchronous": "true"},
                             headers=server.management_headers(), timeout=timeout)
     if response.status_code != 200:
         raise RuntimeError(f"scaling {model} to {workers} workers failed: {response.status_code} {response.text}")
     deadline = time.monotonic() + timeout
-    while server.ready_workers(model) < workers:
+    while server.ready_workers(model) != workers or len(server.worker_pids(model)) != workers:
         if time.monotonic() > deadline:
             raise RuntimeError(f"{model} did not get {workers} READY workers in {timeout:.0f} s")
         time.sleep(0.5)
@@ -444,33 +454,52 @@ def compare_batching(server: LocalTorchServe, plan: Plan) -> list[Row]:
 
 
 def compare_workers(server: LocalTorchServe, plan: Plan) -> list[Row]:
-    """Our model with one worker, then scaled to two through the management API."""
-    one, _ = measure_load(server, {"1 worker": OURS}, plan.workers_setting, plan)["1 worker"]
-    progress(f"scaling {OURS} to 2 workers")
-    scale_workers(server, OURS, 2)
-    two, _ = measure_load(server, {"2 workers": OURS}, plan.workers_setting, plan)["2 workers"]
+    """Our model scaled between one and two workers through the management API, round by round.
+
+    Taking turns (1, 2, 1, 2, ...) lets drift in the machine's speed, which on a shared VM moves single runs
+    by 20%, hit both counts alike. Each scaling starts or stops a worker, so a 1-step round after it warms
+    the new worker up and lets the survivors re-count their thread share before the measured round.
+    """
     side, steps = plan.workers_setting
+    samples = {1: [], 2: []}
+    for round_number in range(plan.throughput_rounds):
+        for workers in samples:
+            progress(f"scaling {OURS} to {workers} worker(s), warm-up round at {side}x{side}/1 step")
+            scale_workers(server, OURS, workers)
+            load_round(server, OURS, side, 1, plan.clients, 1)
+            progress(f"throughput {workers} worker(s): round {round_number + 1}/{plan.throughput_rounds} "
+                     f"({plan.clients} clients x {plan.requests_per_client} requests at {side}x{side}/{steps} steps)")
+            images_per_second, _ = load_round(server, OURS, side, steps, plan.clients, plan.requests_per_client)
+            samples[workers].append(images_per_second)
     group = f"throughput {side}x{side}/{steps} steps, {plan.clients} clients"
-    return throughput_rows(group, ("1 worker", "2 workers"), (one, two), 1.5)
+    return throughput_rows(group, ("1 worker", "2 workers"), (samples[1], samples[2]), 1.5)
 
 
-def measure_serving(work: Path, store: Path, reference: InProcess, plan: Plan) -> list[Row]:
+def measure_serving(work: Path, store: Path, reference: Optional[InProcess], plan: Plan,
+                    sections: set[str]) -> list[Row]:
     """Overhead ratios and throughput on one server holding every model, so all share one server config.
 
     Idle workers of the other models only wait on their sockets. Batching is compared before scaling, so
     our model still has one worker then, like the batchSize-4 model.
     """
-    models = {name: f"{name}.mar" for name in [OURS, OURS_BATCHED] + [upstream_name(side, steps)
-                                                                   for side, steps, _ in plan.latency]}
+    names = [OURS]
+    if "batching" in sections:
+        names.append(OURS_BATCHED)
+    if "overhead" in sections:
+        names += [upstream_name(side, steps) for side, steps, _ in plan.latency]
+    models = {name: f"{name}.mar" for name in names}
     progress(f"starting TorchServe with {', '.join(models)}")
     server = LocalTorchServe(work / "servers" / "serving", store, models, SERVER_OVERRIDES)
     try:
         server.start(timeout=600)
         rows = []
-        for side, steps, runs in plan.latency:
-            rows += measure_overhead(server, reference, side, steps, runs)
-        batching = compare_batching(server, plan)
-        rows += compare_workers(server, plan) + batching
+        if "overhead" in sections:
+            for side, steps, runs in plan.latency:
+                rows += measure_overhead(server, reference, side, steps, runs)
+        batching = compare_batching(server, plan) if "batching" in sections else []
+        if "workers" in sections:
+            rows += compare_workers(server, plan)
+        rows += batching
     finally:
         progress("stopping TorchServe")
         server.stop()
@@ -538,20 +567,23 @@ def quiet_libraries() -> None:
     huggingface_hub.utils.disable_progress_bars()
 
 
-def run(plan: Plan, work: Path) -> list[Row]:
-    """Every measurement; rows come back in the order of the module docstring. Encoding and cold start run
-    first, while no other server is up."""
+def run(plan: Plan, work: Path, sections: set[str]) -> list[Row]:
+    """The chosen measurements; rows come back in the order of the module docstring. Encoding and cold start
+    run first, while no other server is up."""
     quiet_libraries()
     pipeline = work / "tiny-sd1"
     progress(f"building the tiny random-weight pipeline in {pipeline}")
     build_tiny_pipeline(pipeline)
-    store = build_archives(work, pipeline, plan)
-    progress("loading the in-process reference pipeline")
-    reference = InProcess(pipeline, work / "in-process-model")
-    encoding = measure_encoding(reference, plan)
-    cold_start = measure_cold_start(work, store, plan)
-    serving = measure_serving(work, store, reference, plan)
-    build = measure_build(work, pipeline, plan)
+    store = build_archives(work, pipeline, plan, sections)
+    reference = None
+    if sections & {"overhead", "encoding"}:
+        progress("loading the in-process reference pipeline")
+        reference = InProcess(pipeline, work / "in-process-model")
+    encoding = measure_encoding(reference, plan) if "encoding" in sections else []
+    cold_start = measure_cold_start(work, store, plan) if "cold-start" in sections else []
+    serving = (measure_serving(work, store, reference, plan, sections)
+               if sections & {"overhead", "batching", "workers"} else [])
+    build = measure_build(work, pipeline, plan) if "build" in sections else []
     return serving + encoding + cold_start + build
 
 
@@ -570,20 +602,22 @@ def environment_summary() -> dict:
 def main(argv=None) -> None:
     arguments = parse_arguments(argv)
     plan = QUICK if arguments.quick else FULL
+    sections = set(arguments.only or SECTIONS)
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     progress(f"{plan.mode} mode on {available_cores()} cores; results go to {arguments.output}")
     if arguments.work_dir:
         arguments.work_dir.mkdir(parents=True, exist_ok=True)
-        rows = run(plan, arguments.work_dir.resolve())
+        rows = run(plan, arguments.work_dir.resolve(), sections)
     else:
         with tempfile.TemporaryDirectory(prefix="sd-bench-") as work:
-            rows = run(plan, Path(work))
+            rows = run(plan, Path(work), sections)
     duration = time.monotonic() - STARTED
     print()
     print(markdown_table(rows))
     print()
     write_json(arguments.output, rows, {"mode": plan.mode, "started_at": started_at, "duration_s": round(duration, 1),
-                                        "plan": asdict(plan), "environment": environment_summary()})
+                                        "plan": asdict(plan), "sections": sorted(sections),
+                                        "environment": environment_summary()})
     progress(f"done in {duration:.0f} s; wrote {arguments.output}")
 
 
