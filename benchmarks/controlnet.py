@@ -15,7 +15,6 @@ server-side edge detection of one control image at the same size.
 
 import argparse
 import sys
-from dataclasses import replace
 import tempfile
 import time
 from pathlib import Path
@@ -38,26 +37,17 @@ def measure(work: Path, family: str, side: int, steps: int, rounds: int) -> list
 
     from builder.tiny_controlnets import build_tiny_controlnet
     from builder.tiny_pipeline import build_tiny_pipeline
-    from handler.core.capabilities import capabilities_of
-    from handler.core.contract import Contract
-    from handler.core.controlnets import canny_edges, controlnet_tasks
-    from handler.core.generation import GenerationEngine
+    from handler.core.controlnets import canny_edges
     from handler.core.settings import HandlerSettings
-    from handler.model.controlnets import load_controlnets
-    from handler.model.device import Placement
-    from handler.model.loading import load_pipeline
+    from handler.model.controlnets import CONTROLNET_FOLDER
+    from handler.service import build_service
 
     progress(f"building the tiny {family} pipeline and two ControlNets from its denoiser")
     build_tiny_pipeline(work / "pipeline", family)
     for seed, name in enumerate(("one", "two"), start=1):
-        build_tiny_controlnet(work / "pipeline", work / name, seed=seed)
-    placement = Placement("cpu", torch.float32)
-    pipeline = load_pipeline(work / "pipeline", placement)
-    models = load_controlnets({name: work / name for name in ("one", "two")}, placement)
-    engine = GenerationEngine(pipeline, 10**9, controlnets=models)
-    contract = Contract(HandlerSettings(), replace(
-        capabilities_of(pipeline, engine.tasks), controlnets=tuple(models),
-        controlnet_tasks=controlnet_tasks(type(pipeline).__name__, engine.tasks)))
+        build_tiny_controlnet(work / "pipeline", work / CONTROLNET_FOLDER / name, seed=seed)
+    service = build_service(work, HandlerSettings(device="cpu"))  # packed as build_mar.sh packs them
+    engine, contract = service.engine, service.contract
     photo = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(photo).save(buffer, format="PNG")
@@ -69,7 +59,7 @@ def measure(work: Path, family: str, side: int, steps: int, rounds: int) -> list
         "one ControlNet": {**base, "controlnet": "one", "control_image": encoded},
         "two ControlNets": {**base, "controlnet": ["one", "two"], "control_image": [encoded, encoded]},
     }
-    requests = {name: contract.parse(body).generation for name, body in variants.items()}
+    requests = {name: contract.parse(body) for name, body in variants.items()}
     samples = {name: [] for name in variants}
     for round_number in range(rounds + 1):
         label = "warm-up round" if round_number == 0 else f"round {round_number}/{rounds}"

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from handler.core.contract import GenerationRequest
 from handler.core.generation import GenerationEngine
+from handler.core.requests import GenerationRequest
 from handler.core.settings import HandlerSettings
 from handler.model.device import Placement
-from handler.model.loading import load_pipeline
 from handler.model.optimizations import compiled_graphs
+from handler.service import build_service
 
 
 @dataclass
@@ -44,7 +44,7 @@ def prepare(folder: Path, placement: Placement, values: dict, width: int, height
     the result has no timed runs yet."""
     settings = HandlerSettings.from_mapping({"compile_warmup_sizes": [f"{width}x{height}"], **values})
     started = time.perf_counter()
-    engine = GenerationEngine(load_pipeline(folder, placement, settings), 10**9)
+    engine = build_service(folder, settings, placement=placement).engine
     loaded = time.perf_counter()
     engine.warm_up([(width, height, 1)])
     warmed = time.perf_counter()

@@ -43,12 +43,10 @@ def seconds(action) -> float:
     return time.perf_counter() - started
 
 
-def measure_generation(pipeline, side: int, steps: int, rounds: int) -> list[float]:
+def measure_generation(engine, side: int, steps: int, rounds: int) -> list[float]:
     """Seconds of one plain generation (a prompt and a negative prompt), per round after a warm-up."""
-    from handler.core.contract import GenerationRequest
-    from handler.core.generation import GenerationEngine
+    from handler.core.requests import GenerationRequest
 
-    engine = GenerationEngine(pipeline, 10**9)
     request = GenerationRequest(prompt=LONG, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=7.5,
                                 width=side, height=side, seeds=(0,), scheduler=None)
     samples = []
@@ -101,6 +99,8 @@ def measure_translation(folder: Path, runs: int) -> list[Row]:
 def main(argv=None) -> None:
     from builder.tiny_pipeline import build_tiny_pipeline
     from builder.tiny_translator import build_tiny_translator
+    from handler.core.settings import HandlerSettings
+    from handler.service import build_service
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="256x256, 4 steps, 2 rounds: to check the script")
@@ -109,10 +109,11 @@ def main(argv=None) -> None:
     side, steps, rounds = (256, 4, 2) if arguments.quick else (512, 20, 3)
     with tempfile.TemporaryDirectory(prefix="sd-prompts-bench-") as folder:
         progress("building the tiny SD 1 pipeline and the tiny translator")
-        pipeline = build_tiny_pipeline(Path(folder) / "pipeline")
-        pipeline.set_progress_bar_config(disable=True)
+        build_tiny_pipeline(Path(folder) / "pipeline")
         translator = build_tiny_translator(Path(folder) / "translator")
-        generation = measure_generation(pipeline, side, steps, rounds)
+        engine = build_service(Path(folder) / "pipeline", HandlerSettings(device="cpu")).engine  # as served
+        pipeline = engine.pipeline
+        generation = measure_generation(engine, side, steps, rounds)
         rows = [Row(f"generation {side}x{side}, {steps} steps", "plain, long prompt", median(generation), "s",
                     rounds, samples=generation)]
         rows += measure_encoding(pipeline, 20, median(generation), side, steps)

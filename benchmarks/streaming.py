@@ -77,18 +77,15 @@ def measure_preview_cost(pipeline_dir: Path, side: int, steps: int, runs: int = 
     """One preview's time over one denoising step's time, both in this process at ``side`` x ``side``."""
     import torch
 
-    from handler.core.contract import Contract
-    from handler.core.generation import GenerationEngine
     from handler.core.previews import LatentPreviewer, preview_jpeg
     from handler.core.settings import HandlerSettings
-    from handler.model.device import Placement
-    from handler.model.loading import load_pipeline
+    from handler.service import build_service
 
     progress(f"in-process: timing denoising steps and previews at {side}x{side}")
-    pipeline = load_pipeline(pipeline_dir, Placement("cpu", torch.float32))
-    engine = GenerationEngine(pipeline, 10**9)
-    request = Contract(HandlerSettings()).parse({"prompt": "a cat", "seed": 0, "width": side, "height": side,
-                                                 "num_inference_steps": steps}).generation
+    service = build_service(pipeline_dir, HandlerSettings(device="cpu"))
+    engine, pipeline = service.engine, service.engine.pipeline
+    request = service.contract.parse({"prompt": "a cat", "seed": 0, "width": side, "height": side,
+                                      "num_inference_steps": steps})
     stamps = []
     engine.generate([request], on_progress=lambda position, step: stamps.append(time.perf_counter()))
     step_seconds = median([later - earlier for earlier, later in zip(stamps[1:], stamps[2:])])

@@ -14,7 +14,8 @@ from typing import Callable, Optional
 import torch
 
 from handler.core.capabilities import capabilities_of
-from handler.core.contract import Contract, GenerationRequest
+from handler.core.contract import Contract
+from handler.core.requests import GenerationRequest
 from handler.core.controlnets import controlnet_tasks
 from handler.core.generation import GenerationEngine
 from handler.core.progress import Progress
@@ -28,6 +29,7 @@ from handler.model.optimizations import compiled_graphs, warmup_buckets
 from handler.model.pipeline_files import locate_pipeline
 from handler.model.pipeline_index import pipeline_class_name
 from handler.model.translation import PromptTranslator, load_translator
+from handler.protocols import native
 from handler.protocols.http import ServedModel
 from handler.protocols.routing import Router
 
@@ -59,6 +61,18 @@ class Service:
             outcomes[index] = outcome
         return outcomes
 
+    def describe(self) -> dict:
+        """What TorchServe's describe API (``GET /models/{name}?customized=true``) tells a client: the native
+        request schema and capabilities of this loaded model, and how it reads prompts (``translate`` is
+        ``never`` where no translator is loaded)."""
+        settings = self.settings
+        return {
+            "request_schema": native.request_schema(self.contract),
+            "capabilities": self.contract.capabilities.describe(settings.default_width, settings.default_height),
+            "prompts": {"prompt_syntax": settings.prompt_syntax,
+                        "translate": settings.translate if self.translator is not None else "never"},
+        }
+
     def warm_up(self) -> None:
         """Pay lazy initialisation (and compilation) before the first client does, where the settings ask."""
         if not self.settings.warmup:
@@ -72,16 +86,19 @@ class Service:
 
 def build_service(model_dir: Path, settings: HandlerSettings = HandlerSettings(),
                   model: ServedModel = ServedModel("stable_diffusion"), gpu_id: Optional[int] = None,
-                  on_call: Optional[Callable[[int, int, float], None]] = None) -> Service:
+                  on_call: Optional[Callable[[int, int, float], None]] = None,
+                  placement: Optional[Placement] = None) -> Service:
     """Load the model in ``model_dir`` and assemble everything that serves it.
 
     ``gpu_id``: the GPU TorchServe assigned (CUDA only); ``on_call(images, pixel_steps, seconds)`` hears about
-    every pipeline call (the handler's metrics).
+    every pipeline call (the handler's metrics); ``placement``: a device and dtype chosen by the caller (a
+    benchmark comparing them) instead of by the settings.
     """
     started = time.perf_counter()
     model_dir = Path(model_dir)
     folder = locate_pipeline(model_dir)
-    placement = choose_placement(settings, torch.cuda.is_available(), gpu_id, pipeline_class_name(folder))
+    placement = placement or choose_placement(settings, torch.cuda.is_available(), gpu_id,
+                                              pipeline_class_name(folder))
     select_device(placement)
     pipeline = read_pipeline(folder, placement, settings)
     # LoRA hot-swap slots must exist before the pipeline is compiled.

@@ -70,15 +70,8 @@ class StableDiffusionHandler(BaseHandler):
         return output
 
     def describe_handle(self):
-        """``GET /models/{name}?customized=true``: the request schema and capabilities of this loaded model, and
-        how it reads prompts (``translate`` is ``never`` where no translator is loaded)."""
-        service, settings = self.service, self.settings
-        return json.dumps({
-            "request_schema": service.contract.json_schema(),
-            "capabilities": service.contract.capabilities.describe(settings.default_width, settings.default_height),
-            "prompts": {"prompt_syntax": settings.prompt_syntax,
-                        "translate": settings.translate if service.translator is not None else "never"},
-        })
+        """``GET /models/{name}?customized=true``: the service's description of itself."""
+        return json.dumps(self.service.describe())
 
     def preprocess(self, data):
         """Each row -> (its protocol, the Call it read)."""

@@ -287,12 +287,17 @@ def shipped_settings():
 # --- The protocols in-process ---------------------------------------------------------------------------------------
 
 def read_native(contract, row: dict, headers: dict):
-    """The native protocol's reading of one request as TorchServe hands it over: its ClientRequest, or it
+    """The native protocol's reading of one request as TorchServe hands it over: its NativeRequest, or it
     raises the Rejection that answers it."""
     from handler.protocols.http import HttpRequest, ServedModel
     from handler.protocols.native import NativeProtocol
 
     return NativeProtocol(contract, ServedModel(MODEL)).read(HttpRequest(row, headers)).request
+
+
+def native_body(contract, body: dict):
+    """The native protocol's reading of ``body`` sent as JSON."""
+    return read_native(contract, {"body": json.dumps(body).encode()}, {"Content-Type": "application/json"})
 
 
 # --- In-process TorchServe context -------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """The JSON Schema a model serves and the parser that model runs agree, for every family.
 
-Bodies are generated from each family's ``Contract.json_schema()`` by hypothesis-jsonschema and sent through
+Bodies are generated from each family's served schema (``native.request_schema``) by hypothesis-jsonschema and sent through
 the native protocol (``read_native``) as JSON bytes. Every schema-valid body must parse, or be refused only
-by one of the documented cross-field rules (``CROSS_FIELD_RULES``, which a JSON Schema cannot state). The
+by one of the documented cross-field rules (``Contract.rules``, which a JSON Schema cannot state). The
 converse holds on a sample: a body the parser accepts validates against the schema.
 
 Two things the schema cannot carry are supplied by the test:
@@ -27,10 +27,12 @@ from hypothesis import HealthCheck, assume, event, given, settings, strategies a
 from hypothesis_jsonschema import from_schema
 
 from handler.core.capabilities import TASKS
-from handler.core.contract import CROSS_FIELD_RULES, ClientRequest, Contract
+from handler.core.contract import Contract
 from handler.core.failures import INVALID_FIELD, Rejection
 from handler.core.schedulers import DISCRETE, scheduler_names
+from handler.protocols import native
 from handler.protocols.http import status_of
+from handler.protocols.native import NativeRequest, request_schema
 from helpers import (
     batches_in, capabilities_of_family, error_of, family_contracts, log_offset, log_since, management, png_base64,
     predict, read_native, shipped_settings, solid, SMALL,
@@ -46,12 +48,12 @@ REAL_IMAGES = {"image": IMAGE, "mask_image": MASK, "control_image": IMAGE}
 
 
 def validator(contract: Contract) -> jsonschema.Draft202012Validator:
-    return jsonschema.Draft202012Validator(contract.json_schema())
+    return jsonschema.Draft202012Validator(request_schema(contract))
 
 
 def property_values(contract: Contract) -> dict:
     """A hypothesis-jsonschema strategy per property of the contract's schema."""
-    schema = contract.json_schema()
+    schema = request_schema(contract)
     return {name: object_values(subschema) if subschema.get("type") == "object" else
             from_schema({"$schema": schema["$schema"], **subschema})
             for name, subschema in schema["properties"].items()}
@@ -69,7 +71,7 @@ def object_values(schema: dict):
 @st.composite
 def schema_bodies(draw, contract: Contract, values: dict):
     """An object the schema allows: its required fields, any optional ones, and what those depend on."""
-    schema = contract.json_schema()
+    schema = request_schema(contract)
     chosen = set(schema["required"]) | {name for name in schema["properties"] if draw(st.booleans())}
     while True:  # what the chosen fields need, and what that needs in turn
         needed = {needed for name in chosen for needed in schema["dependentRequired"].get(name, ())}
@@ -86,7 +88,7 @@ def with_real_images(body: dict) -> dict:
 
 
 def read_json(contract: Contract, body: dict):
-    """The native protocol's outcome for ``body`` sent as application/json: a ClientRequest or the Rejection."""
+    """The native protocol's outcome for ``body`` sent as application/json: a NativeRequest or the Rejection."""
     try:
         return read_native(contract, {"body": json.dumps(body).encode()}, {"Content-Type": "application/json"})
     except Rejection as rejection:
@@ -97,23 +99,23 @@ def read_json(contract: Contract, body: dict):
 
 @every_contract
 def test_the_schema_is_a_valid_draft_2020_12_schema_whose_defaults_it_allows(contract):
-    schema = contract.json_schema()
+    schema = request_schema(contract)
     jsonschema.Draft202012Validator.check_schema(schema)
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
-    assert set(schema["properties"]) == set(contract.fields)
+    assert set(schema["properties"]) == set(contract.fields) | {spec.name for spec in native.FIELDS}
     for name, subschema in schema["properties"].items():
         if "default" in subschema:
             jsonschema.Draft202012Validator(subschema).validate(subschema["default"])
-    for rule in CROSS_FIELD_RULES.values():  # what the schema cannot state, its description says
-        assert rule.format(**vars(contract.settings)) in schema["description"]
+    for rule in contract.rules(native.RULES).values():  # what the schema cannot state, its description says
+        assert rule in schema["description"]
 
 
 def test_family_differences_show_in_the_schema():
-    sd1, sd3, flux = (CONTRACTS[name].json_schema()["properties"] for name in ("sd1", "sd3", "flux"))
+    sd1, sd3, flux = (request_schema(CONTRACTS[name])["properties"] for name in ("sd1", "sd3", "flux"))
     assert sd1["width"]["multipleOf"] == 8 and sd3["width"]["multipleOf"] == 16 == flux["height"]["multipleOf"]
     assert sd3["scheduler"]["enum"] == ["flow_match_euler"] and "ddim" in sd1["scheduler"]["enum"]
     assert "negative_prompt" in sd3 and "negative_prompt" not in flux
-    assert not {"image", "mask_image", "strength"} & set(CONTRACTS["sd1-text-to-image-only"].json_schema()["properties"])
+    assert not {"image", "mask_image", "strength"} & set(request_schema(CONTRACTS["sd1-text-to-image-only"])["properties"])
 
 
 # --- Schema-valid bodies parse (or break only a documented cross-field rule) ---------------------------------
@@ -128,11 +130,11 @@ def test_every_schema_valid_body_parses_or_breaks_only_a_cross_field_rule(contra
     def property(body):
         check.validate(body)  # the composed object is schema-valid by jsonschema's own reading
         outcome = read_json(contract, with_real_images(body))
-        if isinstance(outcome, ClientRequest):
+        if isinstance(outcome, NativeRequest):
             event(f"parsed {outcome.generation.task}")
             return
         event(f"refused by the {outcome.field} rule")
-        assert outcome.reason == INVALID_FIELD and outcome.field in CROSS_FIELD_RULES, outcome
+        assert outcome.reason == INVALID_FIELD and outcome.field in contract.rules(native.RULES), outcome
         assert status_of(outcome) == 400
 
     property()
@@ -154,7 +156,7 @@ near_misses = st.one_of(
 def lenient_bodies(draw, contract: Contract, values: dict):
     """A schema-valid body with up to two fields (rarely an unknown one) set to a near miss."""
     body = draw(schema_bodies(contract, values))
-    names = list(contract.json_schema()["properties"])
+    names = list(request_schema(contract)["properties"])
     for _ in range(draw(st.integers(0, 2))):
         name = draw(st.sampled_from(names * 8 + ["steps", "Prompt"]))
         body[name] = draw(near_misses)
@@ -170,8 +172,8 @@ def test_bodies_the_parser_accepts_validate_against_the_schema(contract):
     @given(body=lenient_bodies(contract, values))
     def property(body):
         outcome = read_json(contract, body)
-        event("accepted" if isinstance(outcome, ClientRequest) else f"refused: {outcome.reason}")
-        if isinstance(outcome, ClientRequest):
+        event("accepted" if isinstance(outcome, NativeRequest) else f"refused: {outcome.reason}")
+        if isinstance(outcome, NativeRequest):
             errors = [error.message[:120] for error in check.iter_errors(body)]
             assert not errors, errors
 
@@ -185,7 +187,7 @@ def test_schema_and_parser_agree_on_the_edge_cases(body):
     """NUL characters, lone surrogates and nulls (refused: leave a field out instead): once disagreements the
     schema tests found, now fixed."""
     contract = CONTRACTS["sd1"]
-    assert validator(contract).is_valid(body) == isinstance(read_json(contract, body), ClientRequest)
+    assert validator(contract).is_valid(body) == isinstance(read_json(contract, body), NativeRequest)
 
 
 # --- What a served model describes ------------------------------------------------------------------------------
@@ -204,7 +206,7 @@ def test_the_served_schema_and_capabilities_are_the_contracts(torchserve):
     assert capabilities["size_multiple"] == 8 and capabilities["negative_prompt"] is True
     assert capabilities["default_width"] == 768 == capabilities["default_height"]
     assert capabilities["pipeline_class"] == "StableDiffusionPipeline"
-    expected = Contract(shipped_settings(), capabilities_of_family("sd1")).json_schema()
+    expected = request_schema(Contract(shipped_settings(), capabilities_of_family("sd1")))
     assert metadata["request_schema"] == json.loads(json.dumps(expected))
     jsonschema.Draft202012Validator.check_schema(metadata["request_schema"])
 

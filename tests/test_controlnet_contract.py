@@ -17,7 +17,7 @@ STEP_IMAGE = png_base64(STEP)
 
 
 def parse(contract: Contract, **fields):
-    return contract.parse({"prompt": "a cat", "seed": 1, **SMALL, **fields}).generation
+    return contract.parse({"prompt": "a cat", "seed": 1, **SMALL, **fields})
 
 
 def test_one_scale_and_one_preprocess_apply_to_every_controlnet_and_images_take_the_output_size():

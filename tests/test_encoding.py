@@ -12,6 +12,7 @@ from handler.core.contract import Contract
 from handler.core.encoding import EXIF_IMAGE_DESCRIPTION, OUTPUT_FORMATS, array_json, encode_images
 from handler.core.generation import GenerationResult
 from handler.core.settings import HandlerSettings
+from helpers import native_body
 
 PROMPT = "a cat in Zürich, ☕"  # non-ASCII: the metadata must carry it through EXIF too
 TIMINGS = {"pipeline": 123.4, "total": 130.0}
@@ -33,7 +34,7 @@ def smooth_images(shape) -> np.ndarray:
 def parsed_request(num_images: int, output_format: str, **fields):
     body = {"prompt": PROMPT, "seed": 1234, "num_images": num_images, "output_format": output_format,
             "width": 72, "height": 64, "num_inference_steps": 3, **fields}
-    return Contract(HandlerSettings()).parse(body).generation
+    return native_body(Contract(HandlerSettings()), body).generation
 
 
 def encoded(request, images: np.ndarray, output_format: str) -> bytes:
@@ -162,9 +163,9 @@ def test_json_format(num_images):
 
 
 def test_image_to_image_metadata_carries_strength():
-    request = Contract(HandlerSettings()).parse(
-        {"prompt": PROMPT, "seed": 9, "output_format": "png", "strength": 0.4,
-         "image": base64.b64encode(png_of(random_images((64, 72, 3)))).decode()}).generation
+    request = native_body(Contract(HandlerSettings()), {
+        "prompt": PROMPT, "seed": 9, "output_format": "png", "strength": 0.4,
+        "image": base64.b64encode(png_of(random_images((64, 72, 3)))).decode()}).generation
     images = random_images((1, request.height, request.width, 3))
     response = encoded(request, images, "png")
     parsed = json.loads(Image.open(io.BytesIO(response)).text["parameters"])

@@ -87,7 +87,7 @@ def test_inputs_and_parameters_become_the_contracts_fields():
                         tensor("guidance_scale", "FP32", 3)],
                        {"num_inference_steps": 2, "width": 64, "height": 64, "output_format": "png"}, id="req-1"))
     assert call.failure is None and call.request_id == "req-1" and call.formats == ("png",)
-    generation = call.parsed[0].generation
+    generation = call.parsed[0]
     assert (generation.prompt, generation.seeds, generation.guidance_scale) == ("a cat", (7,), 3.0)
     assert (generation.num_inference_steps, generation.width) == (2, 64)
     assert call.outputs == {"image": False, "seeds": False}
@@ -95,8 +95,8 @@ def test_inputs_and_parameters_become_the_contracts_fields():
 
 def test_binary_inputs_are_read_and_binary_outputs_asked_for():
     call = read(binary_row("a red fox", 2**40 + 3))
-    assert call.failure is None and call.parsed[0].generation.prompt == "a red fox"
-    assert call.parsed[0].generation.seeds == (2**40 + 3,) and call.outputs == {"image": True, "seeds": True}
+    assert call.failure is None and call.parsed[0].prompt == "a red fox"
+    assert call.parsed[0].seeds == (2**40 + 3,) and call.outputs == {"image": True, "seeds": True}
 
 
 @pytest.mark.parametrize("row, field, words", [
@@ -128,7 +128,7 @@ def test_v1_instances_are_parsed_one_by_one_and_errors_say_which():
                                                     {"prompt": "b", "output_format": "jpeg", **SMALL}]}).encode()},
                  {}))
     assert call.failure is None and call.formats == ("png", "jpeg")
-    assert [request.generation.prompt for request in call.parsed] == ["a", "b"]
+    assert [request.prompt for request in call.parsed] == ["a", "b"]
     failure = failure_of(({"body": json.dumps({"instances": [{"prompt": "a"}, {"prompt": "b", "seed": -1}]})
                           .encode()}, {}))
     assert failure.field == "instances[1].seed" and failure.message.startswith("instances[1]: seed")
@@ -208,7 +208,7 @@ def test_loras_come_as_json_text_in_a_bytes_input_or_a_parameter():
     chosen = '[{"name": "pastel", "scale": 0.5}, {"name": "ink"}]'
     as_input = read(v2_row([tensor("prompt", "BYTES", "a"), tensor("loras", "BYTES", chosen)]), door)
     as_parameter = read(v2_row([tensor("prompt", "BYTES", "a")], {"loras": chosen}), door)
-    assert as_input.parsed[0].generation.loras == as_parameter.parsed[0].generation.loras == (
+    assert as_input.parsed[0].loras == as_parameter.parsed[0].loras == (
         ("ink", 1.0), ("pastel", 0.5))
     unknown = read(v2_row([tensor("prompt", "BYTES", "a")], {"loras": '[{"name": "oil"}]'}), door).failure
     assert unknown.field == "loras" and "oil" in unknown.message

@@ -161,10 +161,10 @@ def contract():
 
 def test_loras_are_read_sorted_with_default_scales(contract):
     body = {"prompt": "x", "loras": [{"name": "pixel", "scale": 0.5}, {"name": "anime"}]}
-    assert contract.parse(body).generation.loras == (("anime", 1.0), ("pixel", 0.5))
+    assert contract.parse(body).loras == (("anime", 1.0), ("pixel", 0.5))
     as_form = contract.parse({"prompt": "x", "loras": json.dumps(body["loras"])}, from_form=True)
-    assert as_form.generation.loras == (("anime", 1.0), ("pixel", 0.5))
-    assert contract.parse({"prompt": "x"}).generation.loras == ()
+    assert as_form.loras == (("anime", 1.0), ("pixel", 0.5))
+    assert contract.parse({"prompt": "x"}).loras == ()
 
 
 @pytest.mark.parametrize("loras, message", [
@@ -201,7 +201,7 @@ def test_the_schema_lists_the_names_and_the_limit(contract):
 
 def test_requests_with_different_lora_sets_never_share_a_pipeline_call(contract):
     def request(loras):
-        return contract.parse({"prompt": "x", "width": 64, "height": 64, "loras": loras}).generation
+        return contract.parse({"prompt": "x", "width": 64, "height": 64, "loras": loras})
 
     requests = [request([]), request([{"name": "anime"}]), request([{"name": "anime", "scale": 1.0}]),
                 request([{"name": "anime", "scale": 0.5}]), request([{"name": "pixel"}, {"name": "anime"}]),

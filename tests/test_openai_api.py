@@ -113,24 +113,24 @@ def test_openai_fields_become_the_contracts_fields():
                 moderation="low", output_compression=50, stream=False, partial_images=0,
                 safety_identifier="s", seed=7, negative_prompt="blurry", guidance_scale=5, scheduler="euler",
                 **SMALL)
-    generation = call.request.generation
+    generation = call.generation
     assert (generation.prompt, generation.width, generation.height, generation.seeds) == ("a red fox", 512, 256,
                                                                                           (7, 8))
     assert (generation.negative_prompt, generation.guidance_scale, generation.scheduler,
             generation.num_inference_steps) == ("blurry", 5, "euler", 2)
-    assert call.image_format == "webp" and not call.request.stream
+    assert call.image_format == "webp" and not call.streams
 
 
 def test_auto_or_no_size_takes_the_models_defaults():
     for call in (read(prompt="a cat", size="auto"), read(prompt="a cat")):
-        generation = call.request.generation
+        generation = call.generation
         assert (generation.width, generation.height) == (CONTRACT.settings.default_width,
                                                          CONTRACT.settings.default_height)
         assert call.image_format == "png" and generation.num_images == 1
 
 
 def test_native_size_and_count_fields_work_without_their_openai_names():
-    generation = read(prompt="a cat", width=128, height=64, num_images=3).request.generation
+    generation = read(prompt="a cat", width=128, height=64, num_images=3).generation
     assert (generation.width, generation.height, generation.num_images) == (128, 64, 3)
 
 
@@ -198,7 +198,7 @@ def test_an_edit_with_an_openai_mask_is_inpainting_with_white_where_it_was_trans
     source = np.full((64, 64, 3), 200, dtype=np.uint8)
     call = form_read(prompt="a cat", image=png(source), mask=png(openai_mask()), n=2, size="64x64",
                      num_inference_steps=2, seed=3)
-    generation = call.request.generation
+    generation = call.generation
     assert generation.task == "inpainting" and generation.seeds == (3, 4)
     mask = np.asarray(generation.mask_image)
     assert mask.shape == (64, 64) and set(np.unique(mask)) == {0, 255}
@@ -207,21 +207,21 @@ def test_an_edit_with_an_openai_mask_is_inpainting_with_white_where_it_was_trans
 
 def test_an_edit_without_a_mask_is_image_to_image_at_the_inputs_size():
     call = form_read(prompt="a cat", image=png(np.zeros((72, 96, 3), dtype=np.uint8)), strength="0.5")
-    generation = call.request.generation
+    generation = call.generation
     assert generation.task == "image-to-image" and (generation.width, generation.height) == (96, 72)
     assert generation.strength == 0.5
 
 
 def test_the_sdks_image_list_with_one_image_is_the_image():
     call = form_read(prompt="a cat", **{"image[]": png(np.zeros((64, 64, 3), dtype=np.uint8))})
-    assert call.request.generation.task == "image-to-image"
+    assert call.generation.task == "image-to-image"
 
 
 def test_a_json_edit_takes_base64_images():
     image = base64.b64encode(png(np.zeros((64, 64, 3), dtype=np.uint8))).decode()
     mask = "data:image/png;base64," + base64.b64encode(png(openai_mask())).decode()
     call = read(openai_api.EDITS, prompt="a cat", image=image, mask=mask)
-    assert call.request.generation.task == "inpainting"
+    assert call.generation.task == "inpainting"
 
 
 @pytest.mark.parametrize("mask, words", [
@@ -265,7 +265,7 @@ def test_a_model_without_inpainting_says_so_for_the_mask():
 def test_a_result_is_an_images_response_with_the_seeds_header():
     call = read(prompt="a red fox", n=2, size="128x64", seed=11, output_format="jpeg")
     images = np.stack([np.full((64, 128, 3), value, dtype=np.uint8) for value in (10, 240)])
-    reply = DOOR.respond(call, [GenerationResult(call.request.generation, images, {"pipeline": 1.0})])
+    reply = DOOR.respond(call, [GenerationResult(call.generation, images, {"pipeline": 1.0})])
     assert reply.status == 200 and reply.headers == {"X-Seeds": "11,12"}
     document = json.loads(reply.body)
     assert set(document) == {"created", "data", "background", "output_format", "size"}

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from handler.model.device import Placement, plan_optimizations
+from handler.model.device import Placement
+from handler.model.presets import plan_optimizations
 from handler.core.generation import GenerationEngine
 from handler.model.loading import load_pipeline
 from handler.core.contract import GenerationRequest

@@ -9,6 +9,7 @@ from conftest import REPO_ROOT
 from handler.core.contract import FIELD_NAMES, Contract
 from handler.core.failures import REASONS
 from handler.core.settings import HandlerSettings
+from handler.protocols import native
 from handler.protocols.http import STATUS_OF_REASON
 
 README = (REPO_ROOT / "README.md").read_text()
@@ -30,9 +31,9 @@ def table_rows(heading: str) -> dict[str, list[str]]:
 def test_api_table_is_the_contract_declaration():
     rows = table_rows("API")
     expected = {name: [default, allowed, meaning]
-                for name, default, allowed, meaning in Contract(HandlerSettings()).field_table()}
+                for name, default, allowed, meaning in native.field_rows(Contract(HandlerSettings()))}
     assert rows == expected
-    assert set(rows) == set(FIELD_NAMES)
+    assert set(rows) == set(FIELD_NAMES) | {spec.name for spec in native.FIELDS}
 
 
 def test_every_failure_kind_and_its_status_is_documented():

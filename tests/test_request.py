@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from handler.core.contract import ClientRequest, Contract, GenerationRequest
+from handler.core.contract import Contract, GenerationRequest
 from handler.core.failures import Rejection
 from handler.protocols.http import status_of
-from handler.protocols.native import error_body
+from handler.protocols.native import NativeRequest, error_body
 from helpers import read_native as read_request
 from handler.core.capabilities import ModelCapabilities
 from handler.core.schedulers import DISCRETE, FLOW_MATCHING, scheduler_names
@@ -39,7 +39,7 @@ def as_worker_row(row, headers):
     return row, headers
 
 
-def parse_client(parser, row, headers=None) -> ClientRequest:
+def parse_client(parser, row, headers=None) -> NativeRequest:
     return read_request(parser, *as_worker_row(row, headers or {}))
 
 

@@ -19,19 +19,21 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, settings, strategies as st
 from PIL import Image
 
-from handler.core.contract import (
-    FIELD_NAMES, MAX_SEED, Boolean, Choice, ClientRequest, Contract, Integer, Number, Text,
-)
+from handler.core.contract import FIELD_NAMES as CONTRACT_FIELD_NAMES, Contract
+from handler.core.fields import Boolean, Choice, Integer, Number, Text
+from handler.core.requests import MAX_SEED
 from handler.core.encoding import OUTPUT_FORMATS, SINGLE_IMAGE_FORMATS
 from handler.core.failures import Rejection
 from handler.core.schedulers import SCHEDULERS  # every name, valid or not for a family
 from handler.core.settings import HandlerSettings
 from handler.protocols.http import status_of
-from handler.protocols.native import error_body
+from handler.protocols import native
+from handler.protocols.native import NativeRequest, error_body
 from helpers import family_contracts, png_bytes, read_native, solid
 
 CONTRACTS = family_contracts(HandlerSettings())
 every_contract = pytest.mark.parametrize("contract", list(CONTRACTS.values()), ids=list(CONTRACTS))
+FIELD_NAMES = CONTRACT_FIELD_NAMES + tuple(spec.name for spec in native.FIELDS)  # what the native API reads
 PROPERTY_SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MAX_MESSAGE = 1024  # a rejection's message must stay short whatever the client sent
 
@@ -231,11 +233,11 @@ def check_rejection(rejection: Rejection) -> None:
     assert error["code"] == status and error["reason"] == rejection.reason
 
 
-def check_request(contract: Contract, result: ClientRequest) -> None:
+def check_request(contract: Contract, result: NativeRequest) -> None:
     from handler.core.generation import GenerationResult
 
     settings, capabilities = contract.settings, contract.capabilities
-    assert isinstance(result, ClientRequest)
+    assert isinstance(result, NativeRequest)
     request = result.generation
     event(f"valid {request.task} request")
     assert request.task in capabilities.tasks

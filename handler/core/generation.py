@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from handler.core.capabilities import IMAGE_TO_IMAGE, INPAINTING, TEXT_TO_IMAGE
-from handler.core.contract import GenerationRequest
+from handler.core.requests import GenerationRequest
 from handler.core.controlnets import control_arguments, controlnet_pipeline
 from handler.core.failures import INTERNAL_ERROR, INVALID_FIELD, OUT_OF_MEMORY, TIMEOUT, Rejection
 from handler.core.previews import LatentPreviewer

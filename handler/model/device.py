@@ -1,4 +1,5 @@
-"""Decisions about where and how the pipeline runs, kept free of side effects so CPU tests cover them."""
+"""Where the pipeline runs: the device and dtype, the CUDA device made current, and each worker's share of the
+CPU cores (counted through pid files of the live workers in a folder per model)."""
 
 import hashlib
 import os
@@ -45,42 +46,6 @@ def choose_placement(settings: HandlerSettings, cuda_available: bool, gpu_id: Op
     if not use_cuda and dtype == torch.float16:
         raise RuntimeError("dtype float16 needs CUDA; on CPU use float32 or bfloat16")
     return Placement(device=device, dtype=dtype)
-
-
-def plan_optimizations(settings: HandlerSettings, placement: Placement) -> list[str]:
-    """The speed and memory options to apply, in order, for this placement.
-
-    SDPA attention is PyTorch's default in diffusers, so it needs no step; attention slicing replaces it
-    to save memory. Model CPU offload moves each component to the GPU only while it runs, so it needs CUDA
-    and replaces placing the whole pipeline on the device. Quantization comes before compiling (the compiled
-    graph must see the quantized layers); torch.compile compiles the denoiser (and with compile_vae the VAE
-    decoder), and the warm-up generations then pay the compilation instead of the first requests.
-    """
-    on_cuda = placement.device.startswith("cuda")
-    if settings.cpu_offload and not on_cuda:
-        raise RuntimeError("cpu_offload needs CUDA: it moves components to the GPU only while they run")
-    steps = ["cpu_offload" if settings.cpu_offload else "place_on_device"]
-    if settings.attention == "slicing":
-        steps.append("attention_slicing")
-    if settings.channels_last:
-        steps.append("channels_last")
-    if settings.fuse_qkv:
-        steps.append("fuse_qkv")
-    if settings.quantization != "none":
-        steps.append("quantization")
-    if settings.step_cache_threshold > 0:
-        steps.append("step_cache")
-    if settings.vae_slicing:
-        steps.append("vae_slicing")
-    if settings.vae_tiling:
-        steps.append("vae_tiling")
-    if settings.tf32:
-        steps.append("tf32")  # before compiling: compiled kernels keep the matmul precision they saw
-    if settings.torch_compile:
-        steps.append("torch_compile")
-    if settings.compile_vae:
-        steps.append("compile_vae")
-    return steps
 
 
 def select_device(placement: Placement) -> None:

@@ -4,8 +4,8 @@ import logging
 import time
 from pathlib import Path
 
-from handler.model import optimizations
-from handler.model.device import Placement, plan_optimizations
+from handler.model.device import Placement
+from handler.model.presets import apply_optimization, plan_optimizations
 from handler.model.pipeline_index import null_components, read_model_index
 from handler.core.settings import HandlerSettings
 
@@ -44,37 +44,3 @@ def optimize_pipeline(pipeline, placement: Placement, settings: HandlerSettings)
         apply_optimization(pipeline, step, placement, settings)
     logger.info("placed %s on %s with %s in %.2f s", type(pipeline).__name__, placement.device, ", ".join(steps),
                 time.perf_counter() - started)
-
-
-def apply_optimization(pipeline, step: str, placement: Placement, settings: HandlerSettings) -> None:
-    """Apply one step of plan_optimizations() to a loaded pipeline."""
-    import torch
-
-    on_cuda = placement.device.startswith("cuda")
-    if step == "place_on_device":
-        pipeline.to(placement.device)
-    elif step == "cpu_offload":
-        pipeline.enable_model_cpu_offload(device=placement.device)
-    elif step == "attention_slicing":
-        optimizations.check_attention_slicing(pipeline)
-        pipeline.enable_attention_slicing()
-    elif step == "channels_last":
-        optimizations.denoiser(pipeline).to(memory_format=torch.channels_last)
-    elif step == "fuse_qkv":
-        optimizations.fuse_qkv(pipeline)
-    elif step == "quantization":
-        optimizations.quantize(pipeline, settings.quantization, on_cuda)
-    elif step == "step_cache":
-        optimizations.enable_step_cache(pipeline, settings.step_cache_threshold)
-    elif step == "vae_slicing":
-        pipeline.vae.enable_slicing()
-    elif step == "vae_tiling":
-        pipeline.vae.enable_tiling()
-    elif step == "tf32":
-        optimizations.enable_tf32(on_cuda)
-    elif step == "torch_compile":
-        optimizations.compile_denoiser(pipeline, settings)
-    elif step == "compile_vae":
-        optimizations.compile_vae_decoder(pipeline, settings)
-    else:
-        raise ValueError(f"unknown optimization step {step!r}")

@@ -1,8 +1,8 @@
-"""The speed presets of model-config.yaml applied to a loaded pipeline: compilation, fused projections, TF32,
-quantization and the step cache.
+"""How the speed presets of model-config.yaml apply to a loaded pipeline: compilation, fused projections, TF32,
+quantization, the step cache (the registry of presets, and their order, is ``handler/model/presets.py``).
 
-Each preset is one function that either applies itself or raises SettingsError saying why it cannot apply to
-this pipeline or device, so that a preset never silently does nothing.
+Each function either applies its preset or raises SettingsError saying why it cannot apply to this pipeline or
+device, so that a preset never silently does nothing.
 """
 
 import importlib
@@ -33,13 +33,14 @@ def warmup_buckets(settings: HandlerSettings) -> list[tuple[int, int, int]]:
     return buckets or [(settings.default_width, settings.default_height, 1)]
 
 
-def check_attention_slicing(pipeline) -> None:
+def enable_attention_slicing(pipeline) -> None:
     """Attention slicing exists for UNets only; on SD3's and Flux's transformers it would do nothing."""
     model = denoiser(pipeline)
     if not hasattr(model, "set_attention_slice"):
         raise SettingsError(
             f"attention: slicing is not available for {type(model).__name__} ({type(pipeline).__name__}): it has "
             "no sliced attention. Use vae_slicing / vae_tiling or cpu_offload to save memory, or attention: sdpa")
+    pipeline.enable_attention_slicing()
 
 
 def fuse_qkv(pipeline) -> None:

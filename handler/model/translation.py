@@ -18,7 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
-from handler.core.contract import GenerationRequest
+from handler.core.requests import GenerationRequest
 from handler.core.failures import INTERNAL_ERROR, Rejection
 from handler.core.settings import SettingsError
 

@@ -13,7 +13,8 @@ from datetime import datetime
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-from handler.core.contract import Contract, GenerationRequest
+from handler.core.contract import Contract
+from handler.core.requests import GenerationRequest
 from handler.core.failures import (
     IMAGE_TOO_LARGE, INTERNAL_ERROR, INVALID_BODY, INVALID_FIELD, INVALID_IMAGE, INVALID_JSON, MISSING_PROMPT,
     NOT_ACCEPTABLE, NOT_IMPLEMENTED, OUT_OF_MEMORY, TIMEOUT, UNKNOWN_FIELD, UNSUPPORTED_MEDIA_TYPE, UNSUPPORTED_TASK,

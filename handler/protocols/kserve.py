@@ -26,14 +26,13 @@ from typing import Any, Optional
 
 import numpy as np
 
-from handler.core.contract import (
-    Boolean, Choice, ClientRequest, Contract, GenerationRequest, ImageInput, Integer, LoraList, Number, Text,
-)
 from handler.core.encoding import SINGLE_IMAGE_FORMATS, array_json, image_file
 from handler.core.failures import (
     INVALID_BODY, UNSUPPORTED_MEDIA_TYPE, Rejection, invalid, shown, unknown_names,
 )
+from handler.core.fields import Boolean, Choice, ImageInput, Integer, LoraList, Number, Text
 from handler.core.generation import GenerationResult
+from handler.core.requests import GenerationRequest
 from handler.protocols.http import (
     JSON_TYPE, Call, HttpRequest, Protocol, Reply, failure_of, read_body, result_headers, status_of, utf8,
 )
@@ -44,8 +43,6 @@ BINARY_TYPE = "application/octet-stream"
 IMAGE, SEEDS = "image", "seeds"
 OUTPUTS = (IMAGE, SEEDS)
 DEFAULT_V1_FORMAT = "png"
-# The contract format asked for on these protocols' behalf: it holds any number of images (encoded here).
-CONTRACT_FORMAT = "json"
 # Contract fields these protocols cannot honour: they answer one document, never a stream.
 NOT_OFFERED = ("stream", "preview_every")
 INTEGER_TYPES = ("INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64")
@@ -63,13 +60,13 @@ class KServeCall(Call):
     """
 
     protocol: str = V2
-    parsed: tuple[ClientRequest, ...] = ()
+    parsed: tuple[GenerationRequest, ...] = ()
     formats: tuple[Optional[str], ...] = ()
     request_id: Optional[str] = None
     outputs: dict[str, bool] = field(default_factory=dict)  # v2: output name -> sent as binary data
 
     def requests(self) -> list[GenerationRequest]:
-        return [request.generation for request in self.parsed]
+        return list(self.parsed)
 
 
 def is_kserve(request: HttpRequest) -> bool:
@@ -261,20 +258,20 @@ class KServeProtocol(Protocol):
                 where = f"instances[{index}]"
                 raise Rejection(rejection.reason, f"{where}: {rejection.message}",
                                 f"{where}.{rejection.field}" if rejection.field else where) from None
-        pixels = sum(request.generation.pixels for request in requests)
+        pixels = sum(request.pixels for request in requests)
         if pixels > settings.max_request_pixels:
             raise invalid("instances", f"the instances' images have {pixels} pixels together; at most "
                           f"{settings.max_request_pixels} per request (max_request_pixels)")
         return KServeCall(protocol=V1, parsed=tuple(requests), formats=tuple(formats))
 
-    def _parse(self, fields: dict) -> ClientRequest:
+    def _parse(self, fields: dict) -> GenerationRequest:
         for name in NOT_OFFERED:
             if name in fields:
                 raise invalid(name, f"{name} is not offered through KServe's protocols (they answer one "
                               "document); use POST /predictions/{model} with \"stream\": true for progress")
         if "output_format" in fields:
             raise invalid("output_format", "output_format is a request parameter here: parameters.output_format")
-        return self.contract.parse({**fields, "output_format": CONTRACT_FORMAT})
+        return self.contract.parse(fields)
 
     # -- answers --
 

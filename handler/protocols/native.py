@@ -3,32 +3,73 @@
 Its answers: the images in the requested ``output_format`` (chosen by the body, else the ``Accept`` header, else
 the model's ``default_output_format``), or with ``"stream": true`` (or ``Accept: application/x-ndjson``) NDJSON
 progress lines and then one result line. Errors are ``{"error": {"code", "reason", "field", "message"}}``.
+``output_format``, ``stream`` and ``preview_every`` are this API's own fields (``FIELDS``), declared and read as
+the contract's are, and served in its JSON Schema and API table beside them.
 """
 
 import base64
 import json
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, replace
+from typing import Any, Mapping, Optional
 
-from handler.core.contract import ClientRequest, GenerationRequest
-from handler.core.encoding import OUTPUT_FORMATS, encode_images, result_document
-from handler.core.failures import NOT_ACCEPTABLE, Rejection, shown
+from handler.core.contract import Contract, Rule
+from handler.core.encoding import OUTPUT_FORMATS, SINGLE_IMAGE_FORMATS, encode_images, result_document
+from handler.core.failures import NOT_ACCEPTABLE, Rejection, invalid, shown
+from handler.core.fields import NONE, Boolean, Choice, FieldSpec, Integer, Setting
 from handler.core.previews import preview_jpeg
 from handler.core.progress import Progress
-from handler.protocols.http import Call, HttpRequest, Protocol, Reply, failure_of, result_headers, status_of
+from handler.core.requests import GenerationRequest
+from handler.protocols.http import (
+    Call, HttpRequest, Protocol, Reply, ServedModel, failure_of, result_headers, status_of,
+)
 
 STREAM_CONTENT_TYPE = "application/x-ndjson"
+STREAM_DEFAULT_FORMAT = "png"
 CONTENT_TYPE_OF_FORMAT = {
     "array": "application/json", "json": "application/json", "png": "image/png", "jpeg": "image/jpeg",
     "webp": "image/webp", "npy": "application/x-npy",
 }
 
 
+FIELDS: tuple[FieldSpec, ...] = (
+    FieldSpec("output_format", Choice(OUTPUT_FORMATS), Setting("default_output_format"),
+              "how the images come back (else the Accept header, else the setting; png when streaming)"),
+    FieldSpec("stream", Boolean(), False,
+              "answer with NDJSON progress events, then the result (also: Accept: application/x-ndjson)"),
+    FieldSpec("preview_every", Integer(1, Setting("max_steps")), NONE,
+              "with stream: every k-th progress event carries a small JPEG preview", requires=("stream",)),
+)
+
+
+def _check_format(contract: Contract, values: Mapping[str, Any]) -> None:
+    output_format, stream = values["output_format"], values.get("stream", False)
+    if stream and output_format not in SINGLE_IMAGE_FORMATS:
+        raise invalid("output_format", f"a stream carries its images as png, jpeg or webp files; got "
+                      f"output_format {output_format}")
+    num_images = contract.value(values, "num_images")
+    if output_format in SINGLE_IMAGE_FORMATS and num_images > 1 and not stream:
+        raise invalid("output_format", f"output_format {output_format} holds one image but num_images is "
+                      f"{num_images}; use json, npy or array for several images")
+
+
+RULES = (Rule("output_format", "png, jpeg and webp hold one image: num_images must be 1 (streams: any number); "
+                               "streams carry png, jpeg or webp", _check_format),)
+
+
+@dataclass(frozen=True)
+class NativeRequest:
+    """A native body: what to generate, and how to return it (a format; a stream or not)."""
+
+    generation: GenerationRequest
+    output_format: str
+    stream: bool = False
+
+
 @dataclass(kw_only=True)
 class NativeCall(Call):
     """One native request: what to generate, in which format, streamed or not."""
 
-    request: Optional[ClientRequest] = None
+    request: Optional[NativeRequest] = None
 
     def requests(self) -> list[GenerationRequest]:
         return [self.request.generation] if self.request is not None else []
@@ -48,6 +89,10 @@ class NativeProtocol(Protocol):
 
     call_type = NativeCall
 
+    def __init__(self, contract: Contract, model: ServedModel):
+        super().__init__(contract, model)
+        self.fields = contract.bind(FIELDS)
+
     def read(self, request: HttpRequest) -> NativeCall:
         """The body's output_format wins over Accept, which wins over the model's default_output_format. An
         Accept that names application/x-ndjson asks for a stream, as the body's ``"stream": true`` does."""
@@ -59,7 +104,15 @@ class NativeProtocol(Protocol):
             fields = {"stream": True, **fields}
         elif "output_format" not in fields:
             preferred = negotiate_format(accept, self.contract.settings.default_output_format)
-        return NativeCall(request=self.contract.parse(fields, from_form, preferred))
+        values = self.contract.read(fields, from_form, self.fields)
+        stream = values.get("stream", False)
+        values.setdefault("output_format", STREAM_DEFAULT_FORMAT if stream else
+                          preferred or self.contract.settings.default_output_format)
+        self.contract.check(values, RULES)
+        own = {name: values.pop(name) for name in self.fields if name in values}
+        generation = replace(self.contract.prepare(values), preview_every=own.get("preview_every", 0))
+        return NativeCall(request=NativeRequest(generation, own["output_format"], stream))
+
 
     def respond(self, call: NativeCall, outcomes: list) -> Reply:
         """The images in the call's format; a stream ends with one result or error line sent with status 200,
@@ -81,6 +134,16 @@ class NativeProtocol(Protocol):
         body = encode_images(outcome.images, output_format, seeds, outcome.parameters(), outcome.timings_ms,
                              outcome.nsfw)
         return Reply(200, body, headers, CONTENT_TYPE_OF_FORMAT[output_format])
+
+
+def request_schema(contract: Contract) -> dict:
+    """The JSON Schema of this API's bodies (the describe API serves it): the contract's fields and its own."""
+    return contract.json_schema(contract.bind(FIELDS), RULES)
+
+
+def field_rows(contract: Contract) -> list[tuple[str, str, str, str]]:
+    """The rows of this API's table in the docs: the contract's fields and its own."""
+    return contract.field_rows(contract.bind(FIELDS), RULES)
 
 
 def error_object(rejection: Rejection) -> dict:

@@ -22,12 +22,14 @@ from typing import Any, Mapping, Optional
 import numpy as np
 from PIL import Image
 
-from handler.core.contract import ClientRequest, Contract, GenerationRequest, is_given
+from handler.core.contract import Contract
 from handler.core.encoding import SINGLE_IMAGE_FORMATS, image_file
 from handler.core.failures import (
     INVALID_FIELD, NOT_IMPLEMENTED, OUT_OF_MEMORY, Rejection, invalid, shown, unknown_names,
 )
+from handler.core.fields import Boolean, is_given
 from handler.core.images import decode_image
+from handler.core.requests import GenerationRequest
 from handler.protocols.http import (
     Call, HttpRequest, Protocol, Reply, ServedModel, failure_of, result_headers, status_of,
 )
@@ -37,8 +39,6 @@ GENERATIONS, EDITS, MODELS = "v1/images/generations", "v1/images/edits", "v1/mod
 IMAGE_ROUTES = (GENERATIONS, EDITS)
 IMAGE_FORMATS = SINGLE_IMAGE_FORMATS  # the files b64_json can carry: png, jpeg, webp
 DEFAULT_IMAGE_FORMAT = "png"
-# The contract format asked for on this API's behalf: it holds any number of images (the files are encoded here).
-CONTRACT_FORMAT = "json"
 SIZE = re.compile(r"\s*(\d{1,9})\s*[xX]\s*(\d{1,9})\s*")
 
 
@@ -103,17 +103,17 @@ class RouteRejection(Rejection):
 class OpenAICall(Call):
     """One request of this API: what to generate and how to answer it.
 
-    ``request``: the contract's request (image routes); ``reply``: a ready answer (the model list).
+    ``generation``: what to generate (image routes); ``reply``: a ready answer (the model list).
     """
 
     route: str = ""
-    request: Optional[ClientRequest] = None
+    generation: Optional[GenerationRequest] = None
     image_format: str = DEFAULT_IMAGE_FORMAT
     reply: Optional[dict] = None
     params: dict[str, str] = field(default_factory=dict)  # contract field -> the OpenAI name the client used
 
     def requests(self) -> list[GenerationRequest]:
-        return [self.request.generation] if self.request is not None else []
+        return [self.generation] if self.generation is not None else []
 
 
 def route_of(request: HttpRequest) -> Optional[str]:
@@ -155,7 +155,7 @@ class OpenAIProtocol(Protocol):
             parsed = self.contract.parse(fields, from_form)
         except Rejection as rejection:
             raise openai_rejection(rejection, params, body) from None
-        return OpenAICall(route=route, request=parsed, image_format=image_format, params=params)
+        return OpenAICall(route=route, generation=parsed, image_format=image_format, params=params)
 
     def translate(self, route: str, body: Mapping[str, Any], from_form: bool) -> tuple[dict, str, dict]:
         """An OpenAI body -> (the contract's fields, the image file format, contract field -> OpenAI name).
@@ -165,14 +165,14 @@ class OpenAIProtocol(Protocol):
         """
         given = {key: value for key, value in body.items() if is_given(value, from_form)}
         own = FIELDS_OF_ROUTE[route]
-        unknown = [key for key in given if key not in own and key not in self.contract.declared]
+        unknown = [key for key in given if key not in own and key not in self.contract.declared
+                   and key not in NOT_OFFERED]
         if unknown:
             native = [name for name in self.contract.fields if name not in own and name not in NOT_OFFERED]
             raise unknown_names(unknown, "field", f"; /{route} takes {list(own)}, and this server's own fields in "
                                 f"extra_body: {native}")
         image_format = self._judge_own_values(route, given, from_form)
-        fields = {name: value for name, value in given.items() if name in self.contract.declared
-                  and name not in ("output_format", "stream")}
+        fields = {name: value for name, value in given.items() if name in self.contract.declared}
         params = {}
         if "n" in given:
             fields["num_images"], params["num_images"] = given["n"], "n"
@@ -183,7 +183,6 @@ class OpenAIProtocol(Protocol):
                 params["width"] = params["height"] = "size"
         if "mask" in given and route == EDITS:
             fields["mask_image"], params["mask_image"] = self._mask(given["mask"]), "mask"
-        fields["output_format"] = CONTRACT_FORMAT
         return fields, image_format, params
 
     def _judge_own_values(self, route: str, given: Mapping[str, Any], from_form: bool) -> str:
@@ -206,7 +205,7 @@ class OpenAIProtocol(Protocol):
         if route == EDITS and "image" not in given:
             raise invalid("image", "image is required: the picture to edit, as the form file image (or base64 in "
                           "a JSON body)")
-        if "stream" in given and self.contract.declared["stream"].type.read("stream", given["stream"], from_form):
+        if "stream" in given and Boolean().read("stream", given["stream"], from_form):
             raise invalid("stream", "stream is not offered by the OpenAI API here; leave it out (or false), or use "
                           "POST /predictions/{model} with \"stream\": true for NDJSON progress")
         if "markup" in given:
