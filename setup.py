@@ -37,7 +37,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "hypothesis", "hypothesis-jsonschema", "jsonschema", "openai", "tritonclient[http]",
-                 "kubernetes-validate", "torchao"],
+                 "kubernetes-validate", "torchao", "mkdocs"],
+        "docs": ["mkdocs"],  # the documentation site: mkdocs build --strict (docs/, mkdocs.yml)
         "quantization": ["torchao"],  # the quantization preset
         "openvino": ["openvino"],  # compile_backend: openvino, for Intel CPUs
     },
