@@ -99,6 +99,23 @@ def test_the_cuda_build_arguments_are_the_dockerfiles():
     assert re.search(r"^FROM \$\{BASE_IMAGE\}$", text, re.MULTILINE)
 
 
+def torch_build_check(variant: str) -> subprocess.CompletedProcess:
+    """The Dockerfile's own check of the installed torch against TORCH_VARIANT, run on this environment's."""
+    instruction = DOCKERFILE.read_text().replace("\\\n", "")
+    (code,) = re.findall(r'python -c "(import sys, torch;.*?)"\n', instruction)
+    return subprocess.run([os.sys.executable, "-c", code.replace("${TORCH_VARIANT}", variant)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_a_cpu_torch_fails_the_cuda_build_and_passes_the_cpu_one():
+    import torch
+
+    assert torch.version.cuda is None  # constraints.txt's CPU build, as the CPU image has
+    assert torch_build_check("cpu").returncode == 0
+    refused = torch_build_check("cu128")
+    assert refused.returncode == 1 and "does not match TORCH_VARIANT=cu128" in refused.stderr, refused.stderr
+
+
 # --- The image, built and served -------------------------------------------------------------------------------
 
 IMAGE = "localhost/torchserve-diffusers:cpu"
