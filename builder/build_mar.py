@@ -19,7 +19,7 @@ from typing import Optional
 
 from builder.components import (ComponentError, check_loras, check_vae, parse_lora_argument, vae_entries,
                                 VAE_FOLDER)
-from builder.families import FAMILIES
+from builder.families import FAMILIES, FULL_SIZE_FAMILIES
 from handler.model.adapters import LORA_SUFFIX, PACKAGED_FOLDER
 from handler.model.pipeline_files import find_pipeline_folder
 
@@ -52,6 +52,9 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--revision", help="hub revision (branch, tag or commit) for --model-id")
     parser.add_argument("--family", choices=FAMILIES, default="sd1",
                         help="with --tiny: which pipeline family's layout to build (default: %(default)s)")
+    parser.add_argument("--full-size", action="store_true",
+                        help="with --tiny: random weights with the family's exact published configs (sd1, sd2-v, "
+                             "sdxl; 2-7 GB of fp16 safetensors) instead of tiny ones, to measure real-scale costs")
     parser.add_argument("--name", default="stable_diffusion", help="model name in TorchServe (default: %(default)s)")
     parser.add_argument("--archive-format", choices=("zip", "no-archive"), default="zip",
                         help="zip: one .mar file holding pipeline.zip; no-archive: a folder, which avoids zipping "
@@ -79,6 +82,10 @@ def parse_arguments(argv=None) -> argparse.Namespace:
         parser.error("--revision goes with --model-id")
     if arguments.family != "sd1" and not arguments.tiny:
         parser.error("--family goes with --tiny")
+    if arguments.full_size and not arguments.tiny:
+        parser.error("--full-size goes with --tiny")
+    if arguments.full_size and arguments.family not in FULL_SIZE_FAMILIES:
+        parser.error(f"--full-size exists for the families {', '.join(FULL_SIZE_FAMILIES)}; got {arguments.family}")
     try:
         arguments.lora = [parse_lora_argument(text) for text in arguments.lora]
     except ComponentError as error:
@@ -90,6 +97,13 @@ def parse_arguments(argv=None) -> argparse.Namespace:
 
 def pipeline_source(arguments: argparse.Namespace) -> Path:
     """The folder holding model_index.json, built or downloaded as the arguments ask."""
+    if arguments.tiny and arguments.full_size:
+        from builder.full_size import build_full_size_pipeline
+
+        folder = arguments.work_dir / f"full-{arguments.family}"
+        progress(f"building the full-size random-weight {arguments.family} pipeline in {folder}")
+        shutil.rmtree(folder, ignore_errors=True)
+        return build_full_size_pipeline(folder, arguments.family, arguments.work_dir, progress)
     if arguments.tiny:
         from builder.tiny_pipeline import build_tiny_pipeline
 
