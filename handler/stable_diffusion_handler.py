@@ -82,7 +82,7 @@ class StableDiffusionHandler(BaseHandler):
         loras = prepared["loras"]
         controlnets = load_controlnets(controlnet_folders(model_dir), placement)
         self.metrics = ServiceMetrics(context.metrics, context.model_name)
-        buckets = warmup_buckets(settings)
+        buckets = warmup_buckets(settings, placement.device)
         cuda_graphs = settings.torch_compile and settings.compile_mode == "reduce-overhead"
         self.engine = GenerationEngine(pipeline, settings.max_batch_pixels, on_call=self._record_call,
                                        safety_checker=settings.safety_checker, loras=loras,
