@@ -35,6 +35,7 @@ from handler.model.device import (WorkerRegistry, available_cores, choose_placem
                                   threads_per_worker)
 from handler.model.loading import load_pipeline
 from handler.model.optimizations import compiled_graphs, warmup_buckets
+from handler.model.memory_budget import MemoryReservations, weight_bytes
 from handler.model.pipeline_files import locate_pipeline
 from handler.model.pipeline_index import pipeline_class_name
 from handler.model.translation import load_translator
@@ -76,10 +77,14 @@ class StableDiffusionHandler(BaseHandler):
         self.fixed_threads = self.settings.torch_compile or placement.device.startswith("cuda")
         self._set_thread_count(force=True)
         settings, lora_files = self.settings, find_loras(model_dir, self.settings.lora_dir)
+        memory = MemoryReservations(self.registry.folder)
+        memory.reserve(os.getpid(), placement.device, weight_bytes(folder, settings, placement.dtype), settings,
+                       placement.dtype)
         prepared = {}  # the LoraAdapters, made as the pipeline loads: hot-swap slots must exist before compiling
         pipeline = load_pipeline(folder, placement, settings, prepare=lambda loaded: prepared.update(loras=serve_loras(
             loaded, lora_files, settings.max_loras, settings.max_loaded_loras, hotswap=settings.torch_compile)))
         loras = prepared["loras"]
+        memory.mark_loaded(os.getpid())
         controlnets = load_controlnets(controlnet_folders(model_dir), placement)
         self.metrics = ServiceMetrics(context.metrics, context.model_name)
         buckets = warmup_buckets(settings, placement.device)

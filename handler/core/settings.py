@@ -65,6 +65,7 @@ class HandlerSettings:
     device: str = "auto"
     dtype: str = "auto"
     torch_threads: int = 0
+    memory_budget_gb: float = 0.0
     warmup: bool = True
     attention: str = "sdpa"
     channels_last: bool = False
@@ -169,6 +170,8 @@ class HandlerSettings:
                 f"max_loaded_loras must be at least max_loras ({self.max_loras}), or one request's LoRAs could not "
                 f"all be loaded; got {self.max_loaded_loras}")
         require(self.torch_threads >= 0, f"torch_threads must be 0 (auto) or more, got {self.torch_threads}")
+        require(self.memory_budget_gb >= 0,
+                f"memory_budget_gb must be 0 (what the host has available) or more, got {self.memory_budget_gb}")
         for name in ("default_width", "default_height"):
             side = getattr(self, name)
             require(side % 8 == 0 and self.min_side <= side <= self.max_side,
