@@ -22,6 +22,7 @@ from builder.components import (ComponentError, check_loras, check_vae, parse_lo
 from builder.families import FAMILIES
 from handler.model.adapters import LORA_SUFFIX, PACKAGED_FOLDER
 from handler.model.pipeline_files import find_pipeline_folder
+from handler.model.weight_files import WeightFileError, check_weights_in, is_pickle, read_header, refuse_pickle
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_PACKAGE = REPO_ROOT / "handler"  # what a worker runs; the builder itself is never shipped
@@ -37,6 +38,7 @@ PIPELINE_SEARCH_DEPTH = 3  # --model-dir levels searched for model_index.json (h
 TRANSLATOR_FOLDER = "translator"  # where the handler looks for it (handler/model/translation.py)
 # Weights for other frameworks that hub translation models carry beside the PyTorch ones: never needed here.
 OTHER_FRAMEWORK_WEIGHTS = ("tf_model.h5", "flax_model.msgpack", "rust_model.ot")
+TRANSLATOR_WEIGHTS = "model.safetensors"
 
 
 def progress(message: str) -> None:
@@ -225,17 +227,20 @@ def stage_loras(loras: list[tuple[str, Path]], staging: Path) -> None:
 
 
 def translator_files(folder: Path) -> list[Path]:
-    """The files of a translation model folder to pack: configs, tokenizer files and one set of PyTorch weights."""
+    """The files of a translation model folder to pack: configs, tokenizer files and its safetensors weights."""
     if not (folder / "config.json").is_file():
         raise SystemExit(f"build_mar: --translator {folder} holds no config.json; pass a transformers translation "
                          "model folder (as save_pretrained writes it, e.g. a download of Helsinki-NLP/opus-mt-zh-en)")
-    files = [path for path, _ in pipeline_files(folder) if path.name not in OTHER_FRAMEWORK_WEIGHTS]
-    if any(path.suffix == ".safetensors" for path in files):
-        files = [path for path in files if path.suffix != ".bin"]
-    if not any(path.suffix in (".safetensors", ".bin") for path in files):
-        raise SystemExit(f"build_mar: --translator {folder} holds no PyTorch weights (model.safetensors or "
-                         "pytorch_model.bin)")
-    return files
+    weights = folder / TRANSLATOR_WEIGHTS
+    if not weights.is_file():
+        for path in sorted(folder.iterdir()):
+            refuse_pickle(path, "--translator")
+        raise SystemExit(f"build_mar: --translator {folder} holds no {TRANSLATOR_WEIGHTS} (only safetensors "
+                         "weights are packed)")
+    read_header(weights, "--translator")
+    # Hub translation repos carry pickled copies of the same weights beside the safetensors: never packed.
+    return [path for path, _ in pipeline_files(folder)
+            if path.name not in OTHER_FRAMEWORK_WEIGHTS and not is_pickle(path)]
 
 
 def stage_translator(folder: Path, staging: Path) -> None:
@@ -305,6 +310,7 @@ def build(arguments: argparse.Namespace) -> Path:
     if arguments.translator is not None:
         translator_files(arguments.translator)  # refuse a wrong folder before building or downloading anything
     folder = pipeline_source(arguments)
+    check_weights_in(folder, "the pipeline")
     if arguments.vae is not None:
         check_vae(folder, arguments.vae)
         progress(f"the VAE of {arguments.vae} replaces the pipeline's")
@@ -360,7 +366,10 @@ def _megabytes(size: int) -> str:
 
 
 def main(argv=None) -> None:
-    build(parse_arguments(argv))
+    try:
+        build(parse_arguments(argv))
+    except WeightFileError as error:
+        raise SystemExit(f"build_mar: {error}") from None
 
 
 if __name__ == "__main__":
