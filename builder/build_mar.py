@@ -51,6 +51,12 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     source.add_argument("--tiny", action="store_true", help="build a tiny random-weight pipeline offline")
     source.add_argument("--model-dir", type=Path, help="a local diffusers pipeline folder (holds model_index.json)")
     source.add_argument("--model-id", help="a Hugging Face hub id to download, e.g. stabilityai/stable-diffusion-2-1")
+    source.add_argument("--checkpoint", type=Path,
+                        help="a single-file .safetensors checkpoint (civitai, AUTOMATIC1111: SD 1.x, SD 2.x, SDXL "
+                             "base, SD3, Flux), converted once into a diffusers folder")
+    parser.add_argument("--config-from", metavar="DIR_OR_HUB_ID",
+                        help="with --checkpoint: the diffusers layout (configs, tokenizers, scheduler) to convert "
+                             "into; default: the family's standard hub repository (needs the hub at build time)")
     parser.add_argument("--revision", help="hub revision (branch, tag or commit) for --model-id")
     parser.add_argument("--family", choices=FAMILIES, default="sd1",
                         help="with --tiny: which pipeline family's layout to build (default: %(default)s)")
@@ -79,6 +85,8 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     arguments = parser.parse_args(argv)
     if arguments.revision and not arguments.model_id:
         parser.error("--revision goes with --model-id")
+    if arguments.config_from and not arguments.checkpoint:
+        parser.error("--config-from goes with --checkpoint")
     if arguments.family != "sd1" and not arguments.tiny:
         parser.error("--family goes with --tiny")
     try:
@@ -110,6 +118,15 @@ def pipeline_source(arguments: argparse.Namespace) -> Path:
             raise SystemExit(f"build_mar: {arguments.model_dir} holds {len(folders)} diffusers pipelines (folders with "
                              f"model_index.json):{listing}\npass one of them with --model-dir")
         return folders[0]
+    if arguments.checkpoint:
+        from builder.checkpoints import CheckpointError, convert_checkpoint
+
+        try:
+            return convert_checkpoint(arguments.checkpoint, arguments.config_from,
+                                      arguments.work_dir / f"checkpoint-{arguments.checkpoint.stem}",
+                                      arguments.work_dir / "downloads", progress)
+        except CheckpointError as error:
+            raise SystemExit(f"build_mar: {error}") from None
     return download(arguments.model_id, arguments.revision, arguments.work_dir / "downloads")
 
 
