@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from handler.core.settings import HandlerSettings
+from handler.model.device import _process_alive
 from handler.model.pipeline_index import read_model_index
 
 # Memory a worker holds beyond its weights while generating (activations, the torch runtime, TorchServe's
@@ -81,16 +82,6 @@ def available_bytes(device: str) -> int:
     raise MemoryBudgetError("memory_budget_gb: /proc/meminfo has no MemAvailable; cannot tell what fits")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class MemoryReservations:
     """What each live worker of one model on this host holds or is loading, in a JSON file beside the worker
     registry, read and written under a file lock so that workers starting together are counted."""
@@ -107,7 +98,7 @@ class MemoryReservations:
         with open(self.lock_path, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             others = {key: entry for key, entry in self._read().items()
-                      if int(key) != pid and entry["device"] == device and _alive(int(key))}
+                      if int(key) != pid and entry["device"] == device and _process_alive(int(key))}
             held = sum(entry["bytes"] for entry in others.values())
             loading = sum(entry["bytes"] for entry in others.values() if not entry["loaded"])
             needs = (f"this worker needs about {need / 1e9:.1f} GB ({weights / 1e9:.1f} GB of weights in "
