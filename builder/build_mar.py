@@ -23,6 +23,7 @@ from builder.families import FAMILIES, FULL_SIZE_FAMILIES
 from builder.weights_dtype import WEIGHTS_DTYPES, convert_weights
 from handler.model.adapters import LORA_SUFFIX, PACKAGED_FOLDER
 from handler.model.pipeline_files import find_pipeline_folder
+from handler.model.weight_files import WeightFileError, check_weights_in, is_pickle, read_header, refuse_pickle
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_PACKAGE = REPO_ROOT / "handler"  # what a worker runs; the builder itself is never shipped
@@ -37,6 +38,7 @@ PIPELINE_SEARCH_DEPTH = 3  # --model-dir levels searched for model_index.json (h
 TRANSLATOR_FOLDER = "translator"  # where the handler looks for it (handler/model/translation.py)
 # Weights for other frameworks that hub translation models carry beside the PyTorch ones: never needed here.
 OTHER_FRAMEWORK_WEIGHTS = ("tf_model.h5", "flax_model.msgpack", "rust_model.ot")
+TRANSLATOR_WEIGHTS = "model.safetensors"
 
 
 def progress(message: str) -> None:
@@ -49,6 +51,12 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     source.add_argument("--tiny", action="store_true", help="build a tiny random-weight pipeline offline")
     source.add_argument("--model-dir", type=Path, help="a local diffusers pipeline folder (holds model_index.json)")
     source.add_argument("--model-id", help="a Hugging Face hub id to download, e.g. stabilityai/stable-diffusion-2-1")
+    source.add_argument("--checkpoint", type=Path,
+                        help="a single-file .safetensors checkpoint (civitai, AUTOMATIC1111: SD 1.x, SD 2.x, SDXL "
+                             "base, SD3, Flux), converted once into a diffusers folder")
+    parser.add_argument("--config-from", metavar="DIR_OR_HUB_ID",
+                        help="with --checkpoint: the diffusers layout (configs, tokenizers, scheduler) to convert "
+                             "into; default: the family's standard hub repository (needs the hub at build time)")
     parser.add_argument("--revision", help="hub revision (branch, tag or commit) for --model-id")
     parser.add_argument("--family", choices=FAMILIES, default="sd1",
                         help="with --tiny: which pipeline family's layout to build (default: %(default)s)")
@@ -85,6 +93,8 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     arguments = parser.parse_args(argv)
     if arguments.revision and not arguments.model_id:
         parser.error("--revision goes with --model-id")
+    if arguments.config_from and not arguments.checkpoint:
+        parser.error("--config-from goes with --checkpoint")
     if arguments.family != "sd1" and not arguments.tiny:
         parser.error("--family goes with --tiny")
     if arguments.full_size and not arguments.tiny:
@@ -127,6 +137,15 @@ def pipeline_source(arguments: argparse.Namespace) -> Path:
             raise SystemExit(f"build_mar: {arguments.model_dir} holds {len(folders)} diffusers pipelines (folders with "
                              f"model_index.json):{listing}\npass one of them with --model-dir")
         return folders[0]
+    if arguments.checkpoint:
+        from builder.checkpoints import CheckpointError, convert_checkpoint
+
+        try:
+            return convert_checkpoint(arguments.checkpoint, arguments.config_from,
+                                      arguments.work_dir / f"checkpoint-{arguments.checkpoint.stem}",
+                                      arguments.work_dir / "downloads", progress)
+        except CheckpointError as error:
+            raise SystemExit(f"build_mar: {error}") from None
     return download(arguments.model_id, arguments.revision, arguments.work_dir / "downloads")
 
 
@@ -252,17 +271,20 @@ def stage_loras(loras: list[tuple[str, Path]], staging: Path) -> None:
 
 
 def translator_files(folder: Path) -> list[Path]:
-    """The files of a translation model folder to pack: configs, tokenizer files and one set of PyTorch weights."""
+    """The files of a translation model folder to pack: configs, tokenizer files and its safetensors weights."""
     if not (folder / "config.json").is_file():
         raise SystemExit(f"build_mar: --translator {folder} holds no config.json; pass a transformers translation "
                          "model folder (as save_pretrained writes it, e.g. a download of Helsinki-NLP/opus-mt-zh-en)")
-    files = [path for path, _ in pipeline_files(folder) if path.name not in OTHER_FRAMEWORK_WEIGHTS]
-    if any(path.suffix == ".safetensors" for path in files):
-        files = [path for path in files if path.suffix != ".bin"]
-    if not any(path.suffix in (".safetensors", ".bin") for path in files):
-        raise SystemExit(f"build_mar: --translator {folder} holds no PyTorch weights (model.safetensors or "
-                         "pytorch_model.bin)")
-    return files
+    weights = folder / TRANSLATOR_WEIGHTS
+    if not weights.is_file():
+        for path in sorted(folder.iterdir()):
+            refuse_pickle(path, "--translator")
+        raise SystemExit(f"build_mar: --translator {folder} holds no {TRANSLATOR_WEIGHTS} (only safetensors "
+                         "weights are packed)")
+    read_header(weights, "--translator")
+    # Hub translation repos carry pickled copies of the same weights beside the safetensors: never packed.
+    return [path for path, _ in pipeline_files(folder)
+            if path.name not in OTHER_FRAMEWORK_WEIGHTS and not is_pickle(path)]
 
 
 def stage_translator(folder: Path, staging: Path) -> None:
@@ -333,6 +355,7 @@ def build(arguments: argparse.Namespace) -> Path:
     if arguments.translator is not None:
         translator_files(arguments.translator)  # refuse a wrong folder before building or downloading anything
     folder = pipeline_source(arguments)
+    check_weights_in(folder, "the pipeline")
     if arguments.weights_dtype is not None:
         progress(f"converting the weights to {arguments.weights_dtype}")
         folder = convert_weights(folder, arguments.work_dir / f"converted-{arguments.name}", arguments.weights_dtype,
@@ -398,7 +421,10 @@ def _megabytes(size: int) -> str:
 
 
 def main(argv=None) -> None:
-    build(parse_arguments(argv))
+    try:
+        build(parse_arguments(argv))
+    except WeightFileError as error:
+        raise SystemExit(f"build_mar: {error}") from None
 
 
 if __name__ == "__main__":
