@@ -12,8 +12,8 @@ have reserved. (DiffSynth-Studio's ``vram_limit`` plays the same part for VRAM.)
 
 import fcntl
 import json
+import math
 import os
-import struct
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ import torch
 from handler.core.settings import HandlerSettings
 from handler.model.device import _process_alive
 from handler.model.pipeline_index import read_model_index
+from handler.model.weight_files import read_header
 
 # Memory a worker holds beyond its weights while generating (activations, the torch runtime, TorchServe's
 # worker): measured on a full-size SD 1.5 at 512x512 in bfloat16 (benchmarks/realscale.py). Larger images
@@ -34,19 +35,8 @@ class MemoryBudgetError(RuntimeError):
 
 
 def safetensors_elements(path: Path) -> int:
-    """The number of tensor elements a .safetensors file holds, read from its header alone."""
-    with open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
-    total = 0
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        count = 1
-        for size in entry["shape"]:
-            count *= size
-        total += count
-    return total
+    """The number of tensor elements a .safetensors file holds, from its checked header alone."""
+    return sum(math.prod(entry["shape"]) for entry in read_header(path, "memory_budget_gb").values())
 
 
 def weight_files(folder: Path, settings: HandlerSettings) -> list[Path]:
