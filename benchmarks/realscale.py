@@ -249,7 +249,8 @@ def measure_family(family: str, work: Path, runs: int, two_workers: bool, raw_ba
                      Row(group, "raw diffusers: from_pretrained", raw.loaded["load"], "s", n=1)]
         log = (server.folder / "logs" / "model_log.log").read_text(errors="replace")
         initialize = log_seconds(log, r"worker \d+ ready in (\d+\.\d+) s")
-        load = log_seconds(log, r"loaded \w+ from .* in (\d+\.\d+) s")
+        load = (log_seconds(log, r"read \w+ from .* in (\d+\.\d+) s")
+                + log_seconds(log, r"placed \w+ on .* in (\d+\.\d+) s"))
         warmup = log_seconds(log, r"warm-up generation at .* took (\d+\.\d+) s")
         handler_unpack = 0.0 if "unpacked" not in log else initialize - load - warmup
         rows += [Row(group, "served: launch to READY worker", cold_start, "s", n=1,
