@@ -30,6 +30,7 @@ from handler.core.settings import HandlerSettings
 from handler.metrics import ServiceMetrics
 from handler.streaming import StreamSender
 from handler.model.controlnets import controlnet_folders, load_controlnets
+from handler.model.embeddings import find_embeddings, load_embeddings
 from handler.model.adapters import find_loras, serve_loras
 from handler.model.device import (WorkerRegistry, available_cores, choose_placement, select_device,
                                   threads_per_worker)
@@ -76,9 +77,14 @@ class StableDiffusionHandler(BaseHandler):
         self.fixed_threads = self.settings.torch_compile or placement.device.startswith("cuda")
         self._set_thread_count(force=True)
         settings, lora_files = self.settings, find_loras(model_dir, self.settings.lora_dir)
-        prepared = {}  # the LoraAdapters, made as the pipeline loads: hot-swap slots must exist before compiling
-        pipeline = load_pipeline(folder, placement, settings, prepare=lambda loaded: prepared.update(loras=serve_loras(
-            loaded, lora_files, settings.max_loras, settings.max_loaded_loras, hotswap=settings.torch_compile)))
+        embedding_files = find_embeddings(model_dir, settings.embedding_dir)
+        prepared = {}  # embeddings and LoraAdapters, made as the pipeline loads: hot-swap slots must exist before compiling
+
+        def prepare(loaded):
+            prepared.update(embeddings=load_embeddings(loaded, embedding_files), loras=serve_loras(
+                loaded, lora_files, settings.max_loras, settings.max_loaded_loras, hotswap=settings.torch_compile))
+
+        pipeline = load_pipeline(folder, placement, settings, prepare=prepare)
         loras = prepared["loras"]
         controlnets = load_controlnets(controlnet_folders(model_dir), placement)
         self.metrics = ServiceMetrics(context.metrics, context.model_name)
@@ -92,7 +98,7 @@ class StableDiffusionHandler(BaseHandler):
         self.translator = load_translator(model_dir, settings.translate, placement.device)
         self.contract = Contract(settings, replace(
             capabilities_of(pipeline, self.engine.tasks), loras=loras.names if loras is not None else (),
-            controlnets=tuple(controlnets),
+            controlnets=tuple(controlnets), embeddings=prepared["embeddings"],
             controlnet_tasks=controlnet_tasks(type(pipeline).__name__, self.engine.tasks) if controlnets else ()))
         self.openai = openai_api.OpenAIDoor(self.contract, context.model_name,
                                             openai_api.archive_created(context.manifest))
