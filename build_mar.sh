@@ -9,7 +9,7 @@
 # An existing model_store/<name>.mar (or <name>/ folder) is never overwritten without --force:
 #   ./build_mar.sh --tiny --force                  # rebuild model_store/stable_diffusion.mar
 #   ./build_mar.sh --tiny --controlnet edges=build/cn-sd1   # pack ControlNets (repeatable), checked to fit
-# Pack a translation model (prompts in Chinese etc. are translated first; see README, "Prompts"):
+# Pack a translation model (prompts in Chinese etc. are translated first; see docs/prompts.md):
 #   ./build_mar.sh --tiny --translator /path/to/opus-mt-zh-en
 # Options: --name NAME, --archive-format zip|no-archive, --config-file FILE, --export-path DIR, --force (see --help).
 set -euo pipefail

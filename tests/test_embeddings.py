@@ -94,9 +94,9 @@ def test_sd1_embeddings_change_the_image_only_when_named(pipelines, syntax, tmp_
     assert capabilities["embeddings"] == ["badhands", "castlestyle"]
 
     if syntax == "a1111":  # a 3-vector embedding is read as its 3 tokens
-        tokenizer = handler.engine.pipeline.tokenizer
+        tokenizer = handler.service.engine.pipeline.tokenizer
         added = tokenizer.convert_tokens_to_ids(["castlestyle", "castlestyle_1", "castlestyle_2"])
-        ids = handler.engine.prompt_encoder.chunks("by castlestyle")[0][0].ids
+        ids = handler.service.engine.prompt_encoder.chunks("by castlestyle")[0][0].ids
         assert [token for token in ids if token in added] == added
 
     castle = image(handler, context, prompt="a castle")
