@@ -147,6 +147,7 @@ def run_doc(heading: str, workdir: Path, env: dict, timeout: float) -> str:
     script = "\n".join(doc_blocks(heading))
     script, count = re.subn(r"^NAME=sd PORT=8080\b", f"NAME={env['NAME']} PORT={env['PORT']}", script,
                             flags=re.MULTILINE)
+    assert count or "$NAME" not in script, f"'## {heading}' uses $NAME without setting NAME=sd PORT=8080"
     progress(f"running the commands of '## {heading}'")
     done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=workdir, env=env, timeout=timeout,
                           capture_output=True, text=True)
