@@ -209,7 +209,8 @@ def test_the_documented_image_builds_serves_and_drains(checkout):
     build_seconds = time.monotonic() - started
     size = subprocess.run(["podman", "image", "inspect", "--format", "{{.Size}}", IMAGE], env=env,
                           capture_output=True, text=True, check=True).stdout.strip()
-    progress(f"built in {build_seconds:.0f} s (with the layers podman had cached), {int(size) / 1e6:.0f} MB")
+    progress(f"build_mar.sh --tiny and the image build: {build_seconds:.0f} s (podman reuses the base and any layer "
+             f"it still has); image {int(size) / 1e6:.0f} MB")
 
     url = f"http://127.0.0.1:{env['PORT']}"
     try:
