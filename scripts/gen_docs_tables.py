@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from handler.core.contract import Contract  # noqa: E402  (the repository root must be on sys.path first)
 from handler.core.settings import HandlerSettings  # noqa: E402
-from handler.protocols import openai as openai_protocol  # noqa: E402
+from handler.protocols import openai as openai_api  # noqa: E402
 
 DOCS = REPO_ROOT / "docs"
 BLOCK = re.compile(r"(<!-- generated: (?P<name>[\w-]+) -->\n).*?(<!-- end generated -->)", re.DOTALL)
@@ -78,9 +78,9 @@ def settings_table() -> str:
 
 
 def openai_fields_table() -> str:
-    routes = {openai_protocol.GENERATIONS: "generations", openai_protocol.EDITS: "edits"}
+    routes = {openai_api.GENERATIONS: "generations", openai_api.EDITS: "edits"}
     rows = [(f"`{spec.name}`", ", ".join(routes[route] for route in spec.routes), spec.handling)
-            for spec in openai_protocol.OPENAI_FIELDS]
+            for spec in openai_api.OPENAI_FIELDS]
     return markdown_table(("OpenAI field", "endpoints", "what this server does"), rows)
 
 
