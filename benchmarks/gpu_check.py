@@ -18,7 +18,6 @@ model folder for that.
 """
 
 import argparse
-import json
 import sys
 import tempfile
 import time

@@ -6,6 +6,7 @@ and the protocols. What only a TorchServe worker has (its metrics, its share of 
 """
 
 import logging
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,8 +24,10 @@ from handler.core.prompts import prompt_encoder_for
 from handler.core.settings import HandlerSettings
 from handler.model.adapters import find_loras, serve_loras
 from handler.model.controlnets import controlnet_folders, load_controlnets
+from handler.model.embeddings import find_embeddings, load_embeddings
 from handler.model.device import Placement, choose_placement, select_device
 from handler.model.loading import optimize_pipeline, read_pipeline
+from handler.model.memory_budget import MemoryReservations, weight_bytes
 from handler.model.optimizations import compiled_graphs, warmup_buckets
 from handler.model.pipeline_files import locate_pipeline
 from handler.model.pipeline_index import pipeline_class_name
@@ -77,7 +80,7 @@ class Service:
         """Pay lazy initialisation (and compilation) before the first client does, where the settings ask."""
         if not self.settings.warmup:
             return
-        buckets = warmup_buckets(self.settings)
+        buckets = warmup_buckets(self.settings, self.placement.device)
         self.engine.warm_up(buckets)
         if self.settings.torch_compile or self.settings.compile_vae:
             logger.info("torch.compile compiled %d graph(s) during warm-up at %s", compiled_graphs(),
@@ -87,12 +90,14 @@ class Service:
 def build_service(model_dir: Path, settings: HandlerSettings = HandlerSettings(),
                   model: ServedModel = ServedModel("stable_diffusion"), gpu_id: Optional[int] = None,
                   on_call: Optional[Callable[[int, int, float], None]] = None,
+                  reservations: Optional[MemoryReservations] = None,
                   placement: Optional[Placement] = None) -> Service:
     """Load the model in ``model_dir`` and assemble everything that serves it.
 
     ``gpu_id``: the GPU TorchServe assigned (CUDA only); ``on_call(images, pixel_steps, seconds)`` hears about
-    every pipeline call (the handler's metrics); ``placement``: a device and dtype chosen by the caller (a
-    benchmark comparing them) instead of by the settings.
+    every pipeline call (the handler's metrics); ``reservations``: the memory ledger this host's workers of the
+    model share (``memory_budget_gb``), so a worker that would not fit is refused before it loads;
+    ``placement``: a device and dtype chosen by the caller (a benchmark comparing them) instead of the settings.
     """
     started = time.perf_counter()
     model_dir = Path(model_dir)
@@ -100,21 +105,27 @@ def build_service(model_dir: Path, settings: HandlerSettings = HandlerSettings()
     placement = placement or choose_placement(settings, torch.cuda.is_available(), gpu_id,
                                               pipeline_class_name(folder))
     select_device(placement)
+    if reservations is not None:
+        reservations.reserve(os.getpid(), placement.device, weight_bytes(folder, settings, placement.dtype),
+                             settings, placement.dtype)
     pipeline = read_pipeline(folder, placement, settings)
+    embeddings = load_embeddings(pipeline, find_embeddings(model_dir, settings.embedding_dir))
     # LoRA hot-swap slots must exist before the pipeline is compiled.
     loras = serve_loras(pipeline, find_loras(model_dir, settings.lora_dir), settings.max_loras,
                         settings.max_loaded_loras, hotswap=settings.torch_compile)
     optimize_pipeline(pipeline, placement, settings)
+    if reservations is not None:
+        reservations.mark_loaded(os.getpid())
     controlnets = load_controlnets(controlnet_folders(model_dir), placement)
     cuda_graphs = settings.torch_compile and settings.compile_mode == "reduce-overhead"
     engine = GenerationEngine(pipeline, settings.max_batch_pixels, on_call=on_call,
                               safety_checker=settings.safety_checker, loras=loras,
                               prompt_encoder=prompt_encoder_for(pipeline, settings.prompt_syntax),
                               controlnets=controlnets,
-                              call_shapes=frozenset(warmup_buckets(settings)) if cuda_graphs else None)
+                              call_shapes=frozenset(warmup_buckets(settings, placement.device)) if cuda_graphs else None)
     contract = Contract(settings, replace(
         capabilities_of(pipeline, engine.tasks), loras=loras.names if loras is not None else (),
-        controlnets=tuple(controlnets),
+        controlnets=tuple(controlnets), embeddings=embeddings,
         controlnet_tasks=controlnet_tasks(type(pipeline).__name__, engine.tasks) if controlnets else ()))
     service = Service(settings, placement, contract, engine, load_translator(model_dir, settings.translate,
                                                                               placement.device),

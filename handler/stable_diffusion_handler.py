@@ -20,6 +20,7 @@ from handler.core.failures import TIMEOUT, Rejection
 from handler.core.settings import HandlerSettings
 from handler.metrics import ServiceMetrics
 from handler.model.device import WorkerRegistry, available_cores, threads_per_worker
+from handler.model.memory_budget import MemoryReservations
 from handler.protocols.http import HttpRequest, Reply, ServedModel
 from handler.service import build_service
 from handler.streaming import StreamSender
@@ -47,7 +48,8 @@ class StableDiffusionHandler(BaseHandler):
         self.metrics = ServiceMetrics(context.metrics, context.model_name)
         self.service = build_service(model_dir, self.settings, ServedModel.of_archive(context.model_name,
                                                                                       context.manifest),
-                                     context.system_properties.get("gpu_id"), on_call=self._record_call)
+                                     context.system_properties.get("gpu_id"), on_call=self._record_call,
+                                     reservations=MemoryReservations(self.registry.folder))
         # A compiled graph guards on the thread count, and on CUDA the count barely matters: fix it once.
         self.fixed_threads = self.settings.torch_compile or self.service.placement.device.startswith("cuda")
         self._set_thread_count(force=True)

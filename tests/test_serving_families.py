@@ -67,6 +67,7 @@ def test_each_family_describes_its_own_contract(family_server, family):
     """The describe API of each served family shows what its loaded pipeline reports, and the schema of the
     contract built from builder/families.py's facts for that family."""
     from handler.core.contract import Contract
+    from handler.protocols.native import request_schema
 
     expected = capabilities_of_family(family)
     for name in (model_name(family), f"{model_name(family)}_dir"):
@@ -79,7 +80,8 @@ def test_each_family_describes_its_own_contract(family_server, family):
         assert capabilities["schedulers"] == list(expected.schedulers)
         assert capabilities["negative_prompt"] == expected.negative_prompt
         assert capabilities["tasks"] == list(expected.tasks)
-        assert metadata["request_schema"] == json.loads(json.dumps(Contract(shipped_settings(), expected).json_schema()))
+        served = request_schema(Contract(shipped_settings(), expected))
+        assert metadata["request_schema"] == json.loads(json.dumps(served))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

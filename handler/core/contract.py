@@ -24,8 +24,8 @@ from handler.core.controlnets import (
 )
 from handler.core.failures import MISSING_PROMPT, UNSUPPORTED_TASK, invalid, unknown_names
 from handler.core.fields import (
-    NONE, PIPELINE_SCHEDULER, RANDOM, REQUIRED, Borders, Capability, Choice, FieldSpec, ImageInput, Integer,
-    LoraList, Number, OneOrMany, Setting, Text, is_given,
+    NONE, PIPELINE_SCHEDULER, RANDOM, REQUIRED, Boolean, Borders, Capability, Choice, FieldSpec, ImageInput,
+    Integer, LoraList, Number, OneOrMany, Setting, Text, is_given,
 )
 from handler.core.requests import MAX_SEED, GenerationRequest
 from handler.core.settings import HandlerSettings, SettingsError
@@ -215,8 +215,9 @@ class Contract:
             raise invalid("prompt", "prompt is required: a non-empty string", reason=MISSING_PROMPT)
         for name in given:
             for needed in fields[name].requires:
-                if needed not in given:
-                    raise invalid(name, f"{name} needs the field {needed}")
+                if needed not in given or values[needed] is False:  # "stream": false asks for no stream either
+                    raise invalid(name, f"{name} needs the field {needed}"
+                                  + (" set to true" if isinstance(fields[needed].type, Boolean) else ""))
         return values
 
     def value(self, values: Mapping[str, Any], name: str):

@@ -1,5 +1,10 @@
-"""Where the pipeline runs: the device and dtype, the CUDA device made current, and each worker's share of the
-CPU cores (counted through pid files of the live workers in a folder per model)."""
+"""Where the pipeline runs: the device and dtype, the torch threads per worker.
+
+The decisions (``choose_placement``, ``threads_per_worker``) are pure functions of the settings and what the
+machine has, so CPU tests cover the GPU cases too. Two parts act on the process: ``select_device`` makes the
+worker's GPU current, and ``WorkerRegistry`` writes a pid file per worker in the model folder to count the live
+workers. The speed presets are ``handler/model/presets.py``.
+"""
 
 import hashlib
 import os

@@ -44,7 +44,7 @@ SIZE = re.compile(r"\s*(\d{1,9})\s*[xX]\s*(\d{1,9})\s*")
 
 @dataclass(frozen=True)
 class OpenAIField:
-    """One OpenAI request field: the endpoints that have it and what this server does with it (README table)."""
+    """One OpenAI request field: the endpoints that have it and what this server does with it (docs/openai.md)."""
 
     name: str
     routes: tuple[str, ...]
