@@ -15,7 +15,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from helpers import (  # noqa: E402  (HF_HUB_OFFLINE must be set before anything imports huggingface_hub)
-    MODEL, REPO_ROOT, build_tiny_mar, make_context, run_build_mar, set_requests, start_server, stop_server,
+    MODEL, REPO_ROOT, build_tiny_mar, make_context, run_build_mar, running_server, set_requests,
 )
 
 __all__ = ["REPO_ROOT", "make_context", "run_build_mar", "set_requests"]
@@ -69,11 +69,8 @@ def tiny_mar(tmp_path_factory) -> Path:
 def torchserve(tiny_mar, tmp_path_factory):
     """A real TorchServe on loopback serving the tiny .mar with the shipped configs, token authorization on;
     stopped at the end. Tests that change it (scaling) must put it back as they found it."""
-    server = start_server(tmp_path_factory.mktemp("torchserve"), tiny_mar)
-    try:
+    with running_server(tmp_path_factory.mktemp("torchserve"), tiny_mar) as server:
         yield server
-    finally:
-        stop_server(server)
 
 
 @pytest.fixture(scope="session")
@@ -83,8 +80,5 @@ def batched_server(tmp_path_factory):
     work = tmp_path_factory.mktemp("batched")
     mar = build_tiny_mar(work, {"batchSize": 4, "maxBatchDelay": 1000, "minWorkers": 1, "maxWorkers": 1},
                          {"warmup": False})
-    server = start_server(work / "server", mar)
-    try:
+    with running_server(work / "server", mar) as server:
         yield server
-    finally:
-        stop_server(server)

@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -67,6 +68,23 @@ def wait_for_workers(server, count: int, model: str = MODEL, timeout: float = 18
         assert time.monotonic() < deadline, \
             f"{model} has {server.ready_workers(model)} READY workers, not {count}, after {timeout} s"
         time.sleep(0.5)
+
+
+def metric_values(server, metrics: tuple[tuple[str, ...], ...]) -> list[float]:
+    """Each (name, *labels): the sum of the Prometheus samples whose line starts with the name and holds the labels."""
+    text = requests.get(f"{server.metrics_url}/metrics", timeout=30).text
+    return [sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if line.startswith(name) and all(label in line for label in labels)) for name, *labels in metrics]
+
+
+def wait_for_metrics(server, metrics: tuple[tuple[str, ...], ...], ready, timeout: float = 60) -> list[float]:
+    """``metric_values`` once ``ready(values)`` holds (the frontend publishes a worker's metrics a little later)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        values = metric_values(server, metrics)
+        if ready(values) or time.monotonic() > deadline:
+            return values
+        time.sleep(0.2)
 
 
 def error_of(response: requests.Response) -> dict:
@@ -237,6 +255,16 @@ def stop_server(server) -> None:
     server.stop()
     assert not [process for process in processes if process.is_running() and process.status() != "zombie"], \
         "TorchServe left processes running after stop"
+
+
+@contextmanager
+def running_server(folder: Path, mar: Path, workers: int = 1, timeout: float = 300):
+    """``start_server``, then ``stop_server`` however the block ends: the body of every server fixture."""
+    server = start_server(folder, mar, workers, timeout)
+    try:
+        yield server
+    finally:
+        stop_server(server)
 
 
 # --- The contract of each model family ---------------------------------------------------------------------------

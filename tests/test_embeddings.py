@@ -14,8 +14,9 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import REPO_ROOT, make_context, set_requests
+from helpers import SMALL
 
-SMALL = {"num_inference_steps": 2, "width": 64, "height": 64, "seed": 5, "output_format": "array"}
+SMALL_ARRAY = {**SMALL, "seed": 5, "output_format": "array"}
 SYNTAXES = ("plain", "a1111", "compel")
 
 
@@ -77,7 +78,7 @@ def handler_for(folder, **settings):
 
 def image(handler, context, **fields):
     set_requests(context, [{"Content-Type": "application/json"}])
-    body = handler.handle([{"body": json.dumps({**SMALL, **fields}).encode()}], context)[0]
+    body = handler.handle([{"body": json.dumps({**SMALL_ARRAY, **fields}).encode()}], context)[0]
     return np.array(json.loads(body), dtype="uint8")
 
 

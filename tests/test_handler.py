@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from conftest import set_requests
+from helpers import SMALL
 
-SMALL = {"num_inference_steps": 2, "width": 64, "height": 64}
 
 
 def handle(handler, context, rows_and_headers):

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import set_requests
+from helpers import SMALL
 from handler.protocols import kserve as kserve_api
 from handler.protocols.http import HttpRequest, ServedModel
 from handler.core.contract import Contract
@@ -21,7 +22,6 @@ from handler.core.failures import Rejection
 from handler.core.settings import HandlerSettings
 
 DOOR = kserve_api.KServeProtocol(Contract(HandlerSettings()), ServedModel("stable_diffusion", "1.0"))
-SMALL = {"num_inference_steps": 2, "width": 64, "height": 64}
 NATIVE = {"Content-Type": "application/json", "url_path": ""}  # what /predictions/{model} sends
 
 

@@ -23,7 +23,7 @@ from handler.core.settings import HandlerSettings
 
 CONTRACT = Contract(HandlerSettings())
 DOOR = openai_api.OpenAIProtocol(CONTRACT, ServedModel("stable_diffusion", created=1_700_000_000))
-SMALL = {"num_inference_steps": 2}
+FEW_STEPS = {"num_inference_steps": 2}  # the sizes come from size or the defaults
 
 
 def json_row(**fields):
@@ -112,7 +112,7 @@ def test_openai_fields_become_the_contracts_fields():
                 quality="high", style="vivid", user="u-1", model="dall-e-3", background="opaque",
                 moderation="low", output_compression=50, stream=False, partial_images=0,
                 safety_identifier="s", seed=7, negative_prompt="blurry", guidance_scale=5, scheduler="euler",
-                **SMALL)
+                **FEW_STEPS)
     generation = call.generation
     assert (generation.prompt, generation.width, generation.height, generation.seeds) == ("a red fox", 512, 256,
                                                                                           (7, 8))
@@ -299,10 +299,10 @@ def test_a_generation_failure_is_answered_in_openais_shape():
 def test_openai_and_native_requests_in_one_batch_are_each_answered_in_their_own_shape(handler_factory):
     handler, context = handler_factory()
     rows = [
-        ({"body": json.dumps({"prompt": "a cat", "seed": 1, "n": 2, "size": "64x64", **SMALL}).encode()},
+        ({"body": json.dumps({"prompt": "a cat", "seed": 1, "n": 2, "size": "64x64", **FEW_STEPS}).encode()},
          {"Content-Type": "application/json", "url_path": "v1/images/generations"}),
         ({"body": json.dumps({"prompt": "a cat", "seed": 5, "width": 64, "height": 64, "output_format": "json",
-                              **SMALL}).encode()}, {"Content-Type": "application/json", "url_path": ""}),
+                              **FEW_STEPS}).encode()}, {"Content-Type": "application/json", "url_path": ""}),
         ({"body": json.dumps({"prompt": "a cat", "size": "70x64"}).encode()},
          {"Content-Type": "application/json", "url_path": "v1/images/generations"}),
         ({"body": b""}, {"url_path": "v1/models"}),

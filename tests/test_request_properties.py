@@ -137,7 +137,7 @@ def declared_values(spec) -> st.SearchStrategy:
     return json_values
 
 
-DECLARED = CONTRACTS["sd1"].declared
+DECLARED = {**CONTRACTS["sd1"].declared, **CONTRACTS["sd1"].bind(native.FIELDS)}  # what the native API reads
 field_values = {name: weighted((4, VALID.get(name, declared_values(DECLARED[name]))),
                                (1, EDGES.get(name, json_values)), (1, json_values)) for name in FIELD_NAMES}
 optional_fields = {name: strategy for name, strategy in field_values.items() if name != "prompt"}

@@ -11,8 +11,8 @@ import requests
 from PIL import Image
 
 from helpers import (
-    MODEL, SMALL, error_of, log_offset, log_since, npy, png_base64, predict, run_build_mar, scale, start_server,
-    stop_server,
+    MODEL, SMALL, error_of, log_offset, log_since, npy, png_base64, predict, run_build_mar, scale, running_server,
+    metric_values, wait_for_metrics,
 )
 
 pytestmark = pytest.mark.serving
@@ -107,15 +107,12 @@ def test_no_archive_build_from_a_model_dir_serves_the_same_image(torchserve, tin
     weights = folder / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"
     assert (folder / "MAR-INF" / "MANIFEST.json").is_file()
     assert weights.stat().st_mode & 0o777 == 0o644
-    server = start_server(tmp_path / "server", folder)
-    try:
+    with running_server(tmp_path / "server", folder) as server:
         body = {"prompt": "a cat", "seed": 21, **SMALL}
         from_folder = predict(server, body)
         from_mar = predict(torchserve, body)
         assert from_folder.status_code == from_mar.status_code == 200
         assert np.array_equal(np.array(from_folder.json()), np.array(from_mar.json()))
-    finally:
-        stop_server(server)
 
 
 def test_the_client_saves_images_and_prints_seeds(torchserve, tmp_path, capsys):
@@ -169,16 +166,11 @@ def test_inpainting_and_outpainting_keep_the_sent_pixels_outside_the_mask(torchs
 
 
 def test_custom_metrics_reach_prometheus(torchserve):
+    """Counted as deltas: the server is shared by the whole run, so totals would count other tests' requests."""
+    counted = (("GeneratedImages", 'ModelName="stable_diffusion"'), ("GeneratedPixelSteps",), ("PipelineSeconds_count",),
+               ("EncodeSeconds_count",), ("RejectedRequests", 'Reason="invalid_field"'))
+    before = metric_values(torchserve, counted)
     assert predict(torchserve, {"prompt": "a cat", **SMALL}).status_code == 200
     assert predict(torchserve, {"prompt": "a cat", "width": 65}).status_code == 400
-    text = requests.get(f"{torchserve.metrics_url}/metrics", timeout=30).text
-
-    def value(name, *labels):
-        lines = [line for line in text.splitlines()
-                 if line.startswith(name) and all(label in line for label in labels)]
-        return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
-
-    assert value("GeneratedImages", 'ModelName="stable_diffusion"') >= 1
-    assert value("GeneratedPixelSteps") >= 64 * 64 * 2
-    assert value("PipelineSeconds_count") >= 1 and value("EncodeSeconds_count") >= 1
-    assert value("RejectedRequests", 'Reason="invalid_field"') >= 1
+    after = wait_for_metrics(torchserve, counted, lambda values: all(v > b for b, v in zip(before, values)))
+    assert [later - earlier for earlier, later in zip(before, after)] == [1, 64 * 64 * 2, 1, 1, 1]

@@ -15,7 +15,7 @@ import pytest
 
 from helpers import (
     CONTROLNET_NAMES, REPO_ROOT, SMALL, error_of, json_images, management, png_base64, predict, run_build_mar, solid,
-    start_server, stop_server, write_model_config,
+    write_model_config, running_server,
 )
 
 pytestmark = pytest.mark.serving
@@ -60,11 +60,8 @@ def server(work):
                                 {"warmup": False})
     run_build_mar("--tiny", "--config-file", config, "--export-path", work / "store", "--work-dir", work / "scratch",
                   *[f"--controlnet={name}={work / name}" for name in CONTROLNET_NAMES])
-    served = start_server(work / "server", work / "store" / "stable_diffusion.mar")
-    try:
+    with running_server(work / "server", work / "store" / "stable_diffusion.mar") as served:
         yield served
-    finally:
-        stop_server(served)
 
 
 def image_of(response) -> np.ndarray:

@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from helpers import (
-    GENERATING, MODEL, SMALL, build_tiny_mar, error_of, log_offset, model_log, predict, start_server, stop_server,
+    GENERATING, MODEL, SMALL, build_tiny_mar, error_of, log_offset, model_log, predict, running_server, start_server,
     wait_for_log, wait_for_workers,
 )
 
@@ -32,11 +32,8 @@ def faults_mar(tmp_path_factory):
 @pytest.fixture(scope="module")
 def started_two_workers(faults_mar, tmp_path_factory):
     """(server, its worker log as it was once both workers were READY): later tests restart workers."""
-    server = start_server(tmp_path_factory.mktemp("faults-server"), faults_mar, workers=2)
-    try:
+    with running_server(tmp_path_factory.mktemp("faults-server"), faults_mar, workers=2) as server:
         yield server, model_log(server)
-    finally:
-        stop_server(server)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import pytest
 from builder.tiny_adapters import make_tiny_lora
 from builder.tiny_pipeline import build_tiny_pipeline
 from helpers import (SMALL, batches_in, error_of, json_images, log_offset, log_since, management, predict,
-                     run_build_mar, start_server, stop_server, write_model_config)
+                     run_build_mar, write_model_config, running_server)
 
 pytestmark = pytest.mark.serving
 
@@ -39,11 +39,8 @@ def lora_server(tmp_path_factory):
     run_build_mar("--model-dir", work / "sd1", "--config-file", config, "--export-path", work / "store",
                   "--work-dir", work / "scratch", *[argument for name in ("a", "a_kohya", "b")
                                                       for argument in ("--lora", f"{name}={packed / name}.safetensors")])
-    server = start_server(work / "server", work / "store" / "stable_diffusion.mar")
-    try:
+    with running_server(work / "server", work / "store" / "stable_diffusion.mar") as server:
         yield server
-    finally:
-        stop_server(server)
 
 
 def generate(server, **fields) -> np.ndarray:

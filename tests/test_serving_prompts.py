@@ -6,13 +6,13 @@ import openai
 import pytest
 
 from helpers import (
-    LONG_PROMPT, LONG_PROMPT_CHANGED, MODEL, error_of, json_images, management, predict, start_server, stop_server,
+    LONG_PROMPT, LONG_PROMPT_CHANGED, MODEL, SMALL, error_of, json_images, management, predict, running_server,
     write_model_config,
 )
 
 pytestmark = pytest.mark.serving
 
-SMALL = {"num_inference_steps": 2, "width": 64, "height": 64, "seed": 11, "output_format": "json"}
+SMALL_JSON = {**SMALL, "seed": 11, "output_format": "json"}
 CHINESE = "山上的灯塔"
 
 
@@ -27,15 +27,12 @@ def server(tmp_path_factory):
                                 {"warmup": False, "prompt_syntax": "a1111"})
     run_build_mar("--tiny", "--translator", translator, "--config-file", config, "--export-path", work / "store",
                   "--work-dir", work / "scratch")
-    served = start_server(work / "server", work / "store" / f"{MODEL}.mar")
-    try:
+    with running_server(work / "server", work / "store" / f"{MODEL}.mar") as served:
         yield served
-    finally:
-        stop_server(served)
 
 
 def generate(server, prompt: str, **fields) -> dict:
-    response = predict(server, {"prompt": prompt, **SMALL, **fields})
+    response = predict(server, {"prompt": prompt, **SMALL_JSON, **fields})
     assert response.status_code == 200, response.text[:300]
     return response.json()
 
@@ -59,7 +56,7 @@ def test_a_weight_changes_the_image(server):
 ])
 def test_a_weight_that_would_overflow_is_refused_naming_its_field(server, field, text):
     fields = {"prompt": "a red fox", field: text}
-    response = predict(server, {**SMALL, **fields})
+    response = predict(server, {**SMALL_JSON, **fields})
     assert response.status_code == 400, response.text[:300]
     error = error_of(response)
     assert error["field"] == field and "-10 to 10" in error["message"], error

@@ -10,7 +10,7 @@ import pytest
 import requests
 from PIL import Image
 
-from helpers import MODEL, build_tiny_mar, predict, start_server, stop_server
+from helpers import MODEL, build_tiny_mar, predict, running_server
 
 pytestmark = pytest.mark.serving
 
@@ -21,9 +21,8 @@ STEPS = {"num_inference_steps": 12, "width": 128, "height": 128}
 def server(tmp_path_factory):
     work = tmp_path_factory.mktemp("streaming")
     mar = build_tiny_mar(work, {"batchSize": 4, "maxBatchDelay": 1000, "minWorkers": 1, "maxWorkers": 1})
-    served = start_server(work / "server", mar)
-    yield served
-    stop_server(served)
+    with running_server(work / "server", mar) as served:
+        yield served
 
 
 def stream_lines(server, body=None, data=None, headers=None):

@@ -53,7 +53,8 @@ def _check_format(contract: Contract, values: Mapping[str, Any]) -> None:
 
 
 RULES = (Rule("output_format", "png, jpeg and webp hold one image: num_images must be 1 (streams: any number); "
-                               "streams carry png, jpeg or webp", _check_format),)
+                               "streams carry png, jpeg or webp", _check_format),
+         Rule("preview_every", "only with stream true", None))  # as the fields are read (Contract.read: requires)
 
 
 @dataclass(frozen=True)
