@@ -90,6 +90,9 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--controlnet", action="append", default=[], metavar="NAME=FOLDER",
                         help="pack a diffusers ControlNet folder under NAME, checked against the pipeline "
                              "(repeatable)")
+    parser.add_argument("--embedding", action="append", default=[], metavar="NAME=FILE",
+                        help="pack a textual-inversion embedding (.safetensors: AUTOMATIC1111, diffusers or an SDXL "
+                             "clip_l/clip_g pair) that prompts use by NAME; repeatable")
     arguments = parser.parse_args(argv)
     if arguments.revision and not arguments.model_id:
         parser.error("--revision goes with --model-id")
@@ -381,6 +384,15 @@ def build(arguments: argparse.Namespace) -> Path:
         try:
             stage_controlnets(arguments.controlnet, folder, staging, progress)
         except ControlNetError as error:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise SystemExit(f"build_mar: {error}") from None
+    if arguments.embedding:
+        from builder.embeddings import EmbeddingError, stage_embeddings
+
+        progress(f"checking and staging {len(arguments.embedding)} embedding(s)")
+        try:
+            stage_embeddings(arguments.embedding, folder, staging, progress)
+        except EmbeddingError as error:
             shutil.rmtree(staging, ignore_errors=True)
             raise SystemExit(f"build_mar: {error}") from None
     if arguments.archive_format == "zip":
