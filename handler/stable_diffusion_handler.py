@@ -88,7 +88,8 @@ class StableDiffusionHandler(BaseHandler):
                                        safety_checker=settings.safety_checker, loras=loras,
                                        prompt_encoder=prompt_encoder_for(pipeline, settings.prompt_syntax),
                                        controlnets=controlnets,
-                                       call_shapes=frozenset(buckets) if cuda_graphs else None)
+                                       call_shapes=frozenset(buckets) if cuda_graphs else None,
+                                       model_name=context.model_name)
         self.translator = load_translator(model_dir, settings.translate, placement.device)
         self.contract = Contract(settings, replace(
             capabilities_of(pipeline, self.engine.tasks), loras=loras.names if loras is not None else (),

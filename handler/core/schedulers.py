@@ -13,6 +13,8 @@ import diffusers
 
 DISCRETE = "discrete"
 FLOW_MATCHING = "flow_matching"
+# AUTOMATIC1111's schedule types (its ``scheduler`` field) that these choices use: "Automatic" is the sampler's own.
+AUTOMATIC, KARRAS, UNIFORM = "Automatic", "Karras", "Uniform"
 
 
 @dataclass(frozen=True)
@@ -26,20 +28,45 @@ class SchedulerChoice:
     class_name: str
     overrides: dict[str, Any] = field(default_factory=dict)
     kind: str = DISCRETE
+    a1111: tuple[str, str] = ("", AUTOMATIC)  # AUTOMATIC1111's sampler name and schedule type for this choice
 
 
 SCHEDULERS: dict[str, SchedulerChoice] = {
-    "ddim": SchedulerChoice("DDIMScheduler"),
-    "pndm": SchedulerChoice("PNDMScheduler", {"skip_prk_steps": True}),
-    "euler": SchedulerChoice("EulerDiscreteScheduler"),
-    "euler_a": SchedulerChoice("EulerAncestralDiscreteScheduler"),
-    "dpmpp_2m": SchedulerChoice("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": False}),
-    "dpmpp_2m_karras": SchedulerChoice("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
-    "unipc": SchedulerChoice("UniPCMultistepScheduler"),
-    "lms": SchedulerChoice("LMSDiscreteScheduler"),
-    "heun": SchedulerChoice("HeunDiscreteScheduler"),
-    "flow_match_euler": SchedulerChoice("FlowMatchEulerDiscreteScheduler", kind=FLOW_MATCHING),
+    "ddim": SchedulerChoice("DDIMScheduler", a1111=("DDIM", AUTOMATIC)),
+    "pndm": SchedulerChoice("PNDMScheduler", {"skip_prk_steps": True}, a1111=("PLMS", AUTOMATIC)),
+    "euler": SchedulerChoice("EulerDiscreteScheduler", a1111=("Euler", AUTOMATIC)),
+    "euler_a": SchedulerChoice("EulerAncestralDiscreteScheduler", a1111=("Euler a", AUTOMATIC)),
+    # AUTOMATIC1111's DPM++ 2M runs the Karras schedule unless told otherwise (its "Automatic" is Karras).
+    "dpmpp_2m": SchedulerChoice("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": False},
+                                a1111=("DPM++ 2M", UNIFORM)),
+    "dpmpp_2m_karras": SchedulerChoice("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True},
+                                       a1111=("DPM++ 2M", KARRAS)),
+    "unipc": SchedulerChoice("UniPCMultistepScheduler", a1111=("UniPC", AUTOMATIC)),
+    "lms": SchedulerChoice("LMSDiscreteScheduler", a1111=("LMS", AUTOMATIC)),
+    "heun": SchedulerChoice("HeunDiscreteScheduler", a1111=("Heun", AUTOMATIC)),
+    "flow_match_euler": SchedulerChoice("FlowMatchEulerDiscreteScheduler", kind=FLOW_MATCHING, a1111=("Euler", AUTOMATIC)),
 }
+# The schedule type AUTOMATIC1111 runs when a request leaves it at "Automatic", where it is not "Automatic".
+A1111_DEFAULT_SCHEDULE = {"DPM++ 2M": KARRAS}
+
+
+def a1111_sampler_label(name: str) -> str:
+    """How AUTOMATIC1111's infotext names a choice: ``dpmpp_2m_karras`` -> ``DPM++ 2M Karras`` (the old-style
+    name with the schedule, which A1111 and civitai read back); a choice without an A1111 twin keeps its name."""
+    choice = SCHEDULERS.get(name)
+    if choice is None or not choice.a1111[0]:
+        return name
+    sampler, schedule = choice.a1111
+    return sampler if schedule in (AUTOMATIC, UNIFORM) else f"{sampler} {schedule}"
+
+
+def a1111_schedule_type(name: str):
+    """The infotext's ``Schedule type`` where the sampler name alone would make A1111 run another schedule."""
+    choice = SCHEDULERS.get(name)
+    if choice is None:
+        return None
+    sampler, schedule = choice.a1111
+    return schedule if schedule == UNIFORM and A1111_DEFAULT_SCHEDULE.get(sampler) else None
 
 
 def scheduler_kind(scheduler) -> str:
