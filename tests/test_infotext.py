@@ -14,7 +14,6 @@ import pytest
 from PIL import Image
 
 from handler.core.encoding import EXIF_IFD, EXIF_USER_COMMENT, PNG_INFOTEXT_KEY, image_file
-from handler.core.schedulers import SCHEDULERS
 
 PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 ORDER = ["Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model", "Denoising strength",
@@ -93,6 +92,3 @@ def test_schedulers_take_a1111_sampler_names(scheduler, sampler, schedule):
     assert parsed["Sampler"] == sampler
     assert parsed.get("Schedule type") == schedule
 
-
-def test_every_scheduler_has_an_a1111_name():
-    assert all(choice.a1111[0] for choice in SCHEDULERS.values())
