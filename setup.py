@@ -36,7 +36,7 @@ setup(
         "sentencepiece",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "hypothesis-jsonschema", "jsonschema", "openai", "tritonclient[http]",
+        "test": ["pytest", "hypothesis", "hypothesis-jsonschema", "jsonschema", "openai", "tritonclient[http]", "webuiapi",
                  "kubernetes-validate", "torchao"],
         "quantization": ["torchao"],  # the quantization preset
         "openvino": ["openvino"],  # compile_backend: openvino, for Intel CPUs

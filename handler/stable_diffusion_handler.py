@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
-from handler import kserve_api, openai_api, wire
+from handler import a1111_api, kserve_api, openai_api, wire
 from handler.core.capabilities import capabilities_of
 from handler.core.controlnets import controlnet_tasks
 from handler.core.contract import ClientRequest, Contract, GenerationRequest
@@ -40,6 +40,8 @@ from handler.model.pipeline_index import pipeline_class_name
 from handler.model.translation import load_translator
 
 logger = logging.getLogger(__name__)
+# Calls that bring a list of generations (KServe v1 instances; none for A1111's GET routes) and get a list back.
+MULTI_WORK_CALLS = (kserve_api.KServeCall, a1111_api.A1111Call)
 
 
 class StableDiffusionHandler(BaseHandler):
@@ -56,6 +58,7 @@ class StableDiffusionHandler(BaseHandler):
         self.fixed_threads = False
         self.translator = None
         self.kserve = None
+        self.a1111 = None
 
     def initialize(self, context):
         started = time.perf_counter()
@@ -97,6 +100,7 @@ class StableDiffusionHandler(BaseHandler):
             controlnet_tasks=controlnet_tasks(type(pipeline).__name__, self.engine.tasks) if controlnets else ()))
         self.openai = openai_api.OpenAIDoor(self.contract, context.model_name,
                                             openai_api.archive_created(context.manifest))
+        self.a1111 = a1111_api.A1111Door(self.contract, context.model_name)
         self.kserve = kserve_api.KServeDoor(self.contract, context.model_name,
                                             ((context.manifest or {}).get("model") or {}).get("modelVersion"))
         if self.settings.warmup:
@@ -139,7 +143,7 @@ class StableDiffusionHandler(BaseHandler):
         started = time.perf_counter()
         work, owner = [], []  # owner[k]: the index in the batch of the request that work[k] belongs to
         for index, item in enumerate(data):
-            items = item.work() if isinstance(item, kserve_api.KServeCall) else [
+            items = item.work() if isinstance(item, MULTI_WORK_CALLS) else [
                 item.generation if isinstance(item, ClientRequest) else
                 item.work() if isinstance(item, openai_api.OpenAICall) else item]
             work.extend(items)
@@ -161,7 +165,7 @@ class StableDiffusionHandler(BaseHandler):
         per_request = [[] for _ in data]
         for position, outcome in enumerate(outcomes):
             per_request[owner[position]].append(outcome)
-        return [(outcome if isinstance(item, kserve_api.KServeCall) else outcome[0], item)
+        return [(outcome if isinstance(item, MULTI_WORK_CALLS) else outcome[0], item)
                 for outcome, item in zip(per_request, data)]
 
     def postprocess(self, data):
@@ -176,6 +180,8 @@ class StableDiffusionHandler(BaseHandler):
             return self._respond_openai(index, outcome, item)
         if isinstance(item, kserve_api.KServeCall):
             return self._respond_kserve(index, outcome, item)
+        if isinstance(item, a1111_api.A1111Call):
+            return self._respond_a1111(index, outcome, item)
         stream = isinstance(item, ClientRequest) and item.stream
         if stream:
             self.context.set_response_content_type(index, wire.STREAM_CONTENT_TYPE)
@@ -227,6 +233,18 @@ class StableDiffusionHandler(BaseHandler):
             self._count_rejection(call.failure or next(o for o in outcomes if isinstance(o, Rejection)))
         return self._send(index, reply)
 
+    def _respond_a1111(self, index: int, outcomes: list, call: "a1111_api.A1111Call") -> bytes:
+        started = time.perf_counter()
+        reply = self.a1111.respond(call, outcomes)
+        if reply.status == 200 and call.request is not None:
+            flagged = sum(sum(outcome.nsfw) for outcome in outcomes if outcome.nsfw)
+            if flagged:
+                self.metrics.flagged_images(flagged)
+            self.metrics.encoded(time.perf_counter() - started)
+        elif reply.status != 200:
+            self._count_rejection(call.failure or next(o for o in outcomes if isinstance(o, Rejection)))
+        return self._send(index, reply)
+
     def _send(self, index: int, reply: "openai_api.Reply") -> bytes:
         """A door's answer through TorchServe: its status, content type, headers and body."""
         if reply.status != 200:
@@ -249,19 +267,30 @@ class StableDiffusionHandler(BaseHandler):
         """One request row -> a ClientRequest, an OpenAICall (by its url_path) or a KServeCall (no url_path, a KServe
         body), or the Rejection that answers it."""
         headers = self.context.get_all_request_header(index) or {}
+        a1111_route = a1111_api.route_of(headers)
+        if a1111_route is not None:
+            try:
+                return self.a1111.read(a1111_route, row, headers)
+            except Exception as error:  # a Rejection, or a parser bug: it costs this request only
+                return a1111_api.A1111Call(a1111_route, failure=self._read_failure(index, error))
         route = openai_api.route_of(headers)
         try:
             if route is not None:
                 return self.openai.read(route, row, headers)
             return self.kserve.read(row, headers) or wire.read_request(self.contract, row, headers)
-        except Rejection as rejection:
-            logger.info("rejected request %d: %s", index, rejection.message)
-            failure = rejection
-        except Exception:  # a parser bug must cost one request, not the whole batch
-            logger.exception("could not read request %d", index)
-            failure = Rejection(INTERNAL_ERROR, "the server could not read this request; the server log has the "
-                                "details")
+        except Exception as error:
+            failure = self._read_failure(index, error)
         return failure if route is None else openai_api.OpenAICall(route, failure=failure)
+
+    @staticmethod
+    def _read_failure(index: int, error: Exception) -> Rejection:
+        """What answers a request that could not be read: its Rejection, or for a parser bug an internal error
+        (which must cost one request, not the whole batch)."""
+        if isinstance(error, Rejection):
+            logger.info("rejected request %d: %s", index, error.message)
+            return error
+        logger.error("could not read request %d", index, exc_info=error)
+        return Rejection(INTERNAL_ERROR, "the server could not read this request; the server log has the details")
 
     def _set_thread_count(self, force: bool = False):
         """Give this worker an even share of the cores, re-counted as workers are scaled up or down (unless
