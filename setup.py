@@ -36,8 +36,8 @@ setup(
         "sentencepiece",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "hypothesis-jsonschema", "jsonschema", "openai", "tritonclient[http]", "webuiapi",
-                 "kubernetes-validate", "torchao"],
+        "test": ["pytest", "hypothesis", "hypothesis-jsonschema", "jsonschema", "openai", "tritonclient[http]",
+                 "webuiapi", "kubernetes-validate", "torchao"],
         "quantization": ["torchao"],  # the quantization preset
         "openvino": ["openvino"],  # compile_backend: openvino, for Intel CPUs
     },

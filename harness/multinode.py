@@ -116,7 +116,7 @@ def nginx_config(state: ClusterState, down: Optional[int] = None) -> str:
     run = Path(state.run_dir)
     keys = [state.node(index).keys()["inference"]["key"] if index != down else "restarting"
             for index in range(len(state.nodes))]
-    upstream = "".join(f"        server 127.0.0.1:{port} max_fails=1 fail_timeout=10s{' down' if index == down else ''};\n"
+    upstream = "".join(f"        server 127.0.0.1:{port} max_fails=1 fail_timeout=10s{' down' * (index == down)};\n"
                        for index, port in enumerate(state.gateway_ports))
     node_servers = "".join(f"""
     server {{
@@ -208,7 +208,8 @@ def start(run_dir: Path, models: dict[str, Path], nodes: int, port: int = 0) -> 
     returns the cluster's state."""
     stores = {archive.resolve().parent for archive in models.values()}
     if len(stores) != 1:
-        raise ValueError(f"every archive must be in one model store folder (TorchServe reads one), got {sorted(stores)}")
+        raise ValueError(f"every archive must be in one model store folder (TorchServe reads one), got "
+                         f"{sorted(stores)}")
     njs_module()
     run_dir = run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -207,9 +207,11 @@ def test_a1111_native_and_openai_requests_in_one_batch_are_each_answered_in_thei
     handler, context = handler_factory()
     body = {"prompt": "a cat", "seed": 5, **SMALL}
     rows = [
-        ({"body": json.dumps(body).encode()}, {"Content-Type": "application/json", "url_path": "sdapi/v1/txt2img"}),
+        ({"body": json.dumps(body).encode()},
+         {"Content-Type": "application/json", "url_path": "sdapi/v1/txt2img"}),
         ({"body": json.dumps({"prompt": "a cat", "seed": 1, "num_inference_steps": 2, "width": 64, "height": 64,
-                              "guidance_scale": 7.0, "output_format": "json"}).encode()}, {"Content-Type": "application/json"}),
+                              "guidance_scale": 7.0, "output_format": "json"}).encode()},
+         {"Content-Type": "application/json"}),
         ({"body": b""}, {"url_path": "sdapi/v1/sd-models"}),
         ({"body": json.dumps({**body, "width": 70}).encode()},
          {"Content-Type": "application/json", "url_path": "sdapi/v1/txt2img"}),
