@@ -85,7 +85,7 @@ function openaiModels(r) {
 function modelOfBody(r) {
     var text = r.requestText || '';
     if ((r.headersIn['Content-Type'] || '').indexOf('multipart/form-data') === 0) {
-        var match = text.match(/name="model"\r\n(?:[^\r\n]*\r\n)*\r\n([^\r\n]*)\r\n/);
+        var match = text.match(/name="model"\r\n(?:[^\r\n]+\r\n)*\r\n([^\r\n]*)\r\n/);
         return match ? match[1] : undefined;
     }
     try {
