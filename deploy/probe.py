@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import urllib.error
 import urllib.request
@@ -42,11 +43,22 @@ def live(args) -> str:
     return f"frontend answered /ping ({status})"
 
 
+def expiry_time(text: str) -> datetime:
+    """A key's ``expiration time`` as TorchServe writes it, e.g. ``2026-12-06T03:50:37.324063284+00:00``.
+
+    TorchServe writes nanoseconds, and Python 3.10's ``fromisoformat`` reads only 3 or 6 fraction digits (and no
+    ``Z``): the fraction is cut or padded to microseconds first.
+    """
+    text = text.strip().replace("Z", "+00:00")
+    return datetime.fromisoformat(re.sub(r"\.(\d+)", lambda digits: "." + digits.group(1)[:6].ljust(6, "0"), text,
+                                         count=1))
+
+
 def read_key(path: Path, kind: str) -> str:
     keys = json.loads(path.read_text())
     entry = keys[kind]
     expires = entry.get("expiration time")
-    if expires and datetime.fromisoformat(expires.replace("Z", "+00:00")) <= datetime.now(timezone.utc):
+    if expires and expiry_time(expires) <= datetime.now(timezone.utc):
         raise ProbeFailed(f"the {kind} key in {path} expired at {expires}: renew it through the token API "
                           "(or raise token_expiration_min)")
     return entry["key"]

@@ -47,7 +47,7 @@ MAX_UNKNOWN_SHOWN = 5
 
 @dataclass(frozen=True)
 class OpenAIField:
-    """One OpenAI request field: the endpoints that have it and what this server does with it (README table)."""
+    """One OpenAI request field: the endpoints that have it and what this server does with it (docs/openai.md)."""
 
     name: str
     routes: tuple[str, ...]

@@ -1,26 +1,28 @@
-"""Every manifest in deploy/ against the Kubernetes schemas (kubernetes-validate, offline), and how they fit.
+"""Every manifest in deploy/ against its schema, offline, and how the manifests fit the image and each other.
 
-The InferenceService is KServe's custom resource, whose schema Kubernetes does not ship: its KServe-only keys
-are checked by name here, and everything else in it (the predictor's pod fields, the model's container fields)
-is validated as the Pod it becomes. The KServe layout script runs on a model store with a stand-in archive
-(it only copies the file and names it in the config).
+Kubernetes' own kinds are validated with kubernetes-validate. An InferenceService is KServe's custom resource:
+it is validated against the schema of KServe's CRD (tests/schemas/, vendored from kserve/kserve with its source
+in its ``$comment``), strictly, as ``kubectl apply --validate=strict`` would: an unknown field is an error.
+The KServe layout script runs on a model store with a stand-in archive (it only copies the file and names it
+in the config).
 """
 
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
 
-from helpers import REPO_ROOT
+from helpers import MODEL, REPO_ROOT
 
 DEPLOY = REPO_ROOT / "deploy"
 KUBERNETES_VERSION = "1.37"
-# KServe v1beta1 keys that are not Pod or Container fields.
-KSERVE_PREDICTOR_KEYS = {"minReplicas", "maxReplicas", "scaleTarget", "scaleMetric", "model"}
-KSERVE_MODEL_KEYS = {"modelFormat", "runtime", "protocolVersion", "storageUri"}
+KSERVE_SCHEMA = REPO_ROOT / "tests" / "schemas" / "kserve-inferenceservice-v1beta1.json"
 
 
 def manifests() -> list[tuple[Path, dict]]:
@@ -38,23 +40,79 @@ def by_kind(kind: str) -> dict:
 @pytest.mark.parametrize("path, document", manifests(), ids=lambda value: getattr(value, "name", ""))
 def test_every_manifest_is_valid_for_kubernetes(path, document):
     if document["kind"] == "InferenceService":
-        document = inference_service_as_pod(document)
-    kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
+        jsonschema.validate(document, strict(json.loads(KSERVE_SCHEMA.read_text())))
+    else:
+        kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
 
 
-def inference_service_as_pod(service: dict) -> dict:
-    assert service["apiVersion"] == "serving.kserve.io/v1beta1"
-    predictor = dict(service["spec"]["predictor"])
-    model = dict(predictor.pop("model"))
-    assert set(service["spec"]["predictor"]) - set(predictor) <= KSERVE_PREDICTOR_KEYS
-    for key in KSERVE_PREDICTOR_KEYS - {"model"}:
-        predictor.pop(key, None)
-    assert model["modelFormat"] == {"name": "pytorch"} and model["runtime"] == "kserve-torchserve"
-    assert model["protocolVersion"] in ("v1", "v2") and model["storageUri"].startswith("pvc://")
-    container = {"name": "kserve-container", **{key: value for key, value in model.items()
-                                                 if key not in KSERVE_MODEL_KEYS}}
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": service["metadata"],
-            "spec": {**predictor, "containers": [container]}}
+def strict(schema):
+    """The CRD schema with unknown fields refused: the API server prunes them silently, which hides a typo."""
+    if isinstance(schema, list):
+        return [strict(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed = {key: strict(value) for key, value in schema.items()}
+    if "properties" in schema and "additionalProperties" not in schema \
+            and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        closed["additionalProperties"] = False
+    return closed
+
+
+def test_the_schema_check_refuses_an_unknown_field():
+    service = kserve_services()["inferenceservice.yaml"]
+    service["spec"]["predictor"]["containers"][0]["imagePullPolicyy"] = "Always"
+    with pytest.raises(jsonschema.ValidationError, match="imagePullPolicyy"):
+        jsonschema.validate(service, strict(json.loads(KSERVE_SCHEMA.read_text())))
+
+
+def kserve_services() -> dict[str, dict]:
+    return {path.name: document for path, document in manifests() if document["kind"] == "InferenceService"}
+
+
+def test_the_inference_service_runs_the_serving_image_as_a_custom_container():
+    service = kserve_services()["inferenceservice.yaml"]
+    predictor = service["spec"]["predictor"]
+    assert "model" not in predictor, "no KServe serving runtime: the image itself is the predictor"
+    (container,) = predictor["containers"]
+    assert container["name"] == "kserve-container"  # the name KServe's storage initializer mounts /mnt/models for
+    env = {variable["name"]: variable["value"] for variable in container["env"]}
+    assert re.match(r"(pvc|s3|gs|https?)://", env["STORAGE_URI"])
+    assert env["MODELS"] == f"{MODEL}={MODEL}.mar"
+    assert [port["containerPort"] for port in container["ports"]] == [image_port()]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/ping", "port": image_port()}
+    assert container["args"] == ["--disable-token-auth"]  # KServe's clients hold no TorchServe key
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert predictor["minReplicas"] == 0 and predictor["maxReplicas"] >= 1  # scale to zero
+    assert service["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Knative"
+    assert predictor["terminationGracePeriodSeconds"] > nginx_drain_seconds()
+
+
+def test_the_old_runtime_manifest_is_marked_deprecated_upstream():
+    path = DEPLOY / "kserve" / "deprecated-torchserve-runtime.yaml"
+    assert "DEPRECATED UPSTREAM" in path.read_text() and "kserve/kserve#4568" in path.read_text()
+    model = kserve_services()[path.name]["spec"]["predictor"]["model"]
+    assert model["runtime"] == "kserve-torchserve" and model["storageUri"].startswith("pvc://")
+
+
+def image_port() -> int:
+    (port,) = re.findall(r"^EXPOSE (\d+)$", (DEPLOY / "Dockerfile").read_text(), re.MULTILINE)
+    assert re.search(rf"^\s*listen {port};", (DEPLOY / "nginx.conf").read_text(), re.MULTILINE)
+    return int(port)
+
+
+def image_files() -> set[str]:
+    """Where the Dockerfile's COPY lines put files, as absolute paths in the image."""
+    copied = set()
+    for line in re.findall(r"^COPY (.+)$", (DEPLOY / "Dockerfile").read_text(), re.MULTILINE):
+        *sources, destination = line.split()
+        copied.update(destination + Path(source).name if destination.endswith("/") else destination
+                      for source in sources)
+    return copied
+
+
+def nginx_drain_seconds() -> int:
+    (seconds,) = re.findall(r"^worker_shutdown_timeout (\d+)s;", (DEPLOY / "nginx.conf").read_text(), re.MULTILINE)
+    return int(seconds)
 
 
 def test_the_plain_kubernetes_manifests_fit_together():
@@ -69,10 +127,16 @@ def test_the_plain_kubernetes_manifests_fit_together():
     assert volumes["config"]["configMap"]["name"] == config["metadata"]["name"]
 
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    assert [port["containerPort"] for port in container["ports"]] == [8080]
-    assert [rule["ports"] for rule in policy["spec"]["ingress"]] == [[{"port": 8080, "protocol": "TCP"}]]
+    assert [port["containerPort"] for port in container["ports"]] == [image_port()]
+    assert [rule["ports"] for rule in policy["spec"]["ingress"]] == [[{"port": image_port(), "protocol": "TCP"}]]
+    assert "args" not in container and "command" not in container  # the image's entrypoint: nginx, the drain
+    assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > nginx_drain_seconds()
+    env = {variable["name"]: variable["value"] for variable in container["env"]}
+    assert env["TS_CONFIG"] == "/config/config.properties" and env["MODELS"] == f"{MODEL}={MODEL}.mar"
     properties = dict(line.split("=", 1) for line in config["data"]["config.properties"].splitlines() if "=" in line)
-    assert properties["inference_address"].endswith(":8080")
+    image_properties = dict(line.split("=", 1) for line in (DEPLOY / "config.properties").read_text().splitlines()
+                            if "=" in line and not line.startswith("#"))
+    assert properties["inference_address"] == image_properties["inference_address"]  # where nginx forwards
     assert all(properties[name].startswith("http://127.0.0.1:") for name in ("management_address", "metrics_address"))
     assert properties["disable_token_authorization"] == "false" and properties["enable_model_api"] == "false"
     gpus = int(container["resources"]["limits"]["nvidia.com/gpu"])
@@ -85,7 +149,7 @@ def test_the_plain_kubernetes_manifests_fit_together():
 
 
 def test_probe_script_is_what_the_image_ships_and_takes_the_manifests_arguments():
-    assert "COPY deploy/probe.py /opt/torchserve-diffusers/probe.py" in (DEPLOY / "Dockerfile").read_text()
+    assert "/opt/torchserve-diffusers/probe.py" in image_files()
     done = subprocess.run([sys.executable, str(DEPLOY / "probe.py"), "ready", "--key-file", "/nonexistent/key.json",
                            "--model", "stable_diffusion"], capture_output=True, text=True, timeout=30)
     assert done.returncode == 1 and "no key file" in done.stdout

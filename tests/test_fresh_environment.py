@@ -1,7 +1,8 @@
 """The .mar serves from a brand-new environment that holds only the runtime dependencies, not this repository.
 
-A virtual environment is created in a temporary folder and gets ``pip install -c constraints.txt`` of the
-runtime packages alone (torch pinned by constraints.txt to the CPU build). TorchServe is started from it,
+A virtual environment is created in a temporary folder and gets ``pip install -c constraints.txt -r
+requirements-serve.txt``: the serving list alone (setup.py's ``serve`` extra, what the serving image installs;
+torch pinned by constraints.txt to the CPU build). TorchServe is started from it,
 outside the repository and without PYTHONPATH, so the workers can only run what the archive ships.
 The environment is built once per test session (a minute or two: pip prints its progress).
 """
@@ -25,13 +26,7 @@ from conftest import REPO_ROOT
 
 pytestmark = pytest.mark.serving
 
-# What a worker needs: TorchServe, torch and the diffusers stack (transformers for the text encoders,
-# accelerate and safetensors for loading), numpy and pillow for images, scipy for some schedulers, PyYAML
-# for TorchServe's model config, peft for LoRA adapters, compel for prompt_syntax compel and sentencepiece
-# for a packed MarianMT translator's tokenizer, OpenCV for ControlNet's canny preprocessing. psutil comes
-# with torchserve.
-RUNTIME = ["torch", "torchserve", "diffusers", "transformers", "accelerate", "safetensors", "numpy", "pillow",
-           "scipy", "PyYAML", "peft", "compel", "sentencepiece", "opencv-python-headless"]
+SERVE_REQUIREMENTS = REPO_ROOT / "requirements-serve.txt"
 # Imported only by a preset that asks for them, and installed by its extra: a load that needs one and lacks it
 # fails with a message naming the package (handler/model/optimizations.py).
 OPTIONAL = {"torchao": "quantization"}
@@ -72,9 +67,9 @@ def fresh_venv(tmp_path_factory, request):
     with visible(request):
         progress(f"creating a virtual environment in {venv}")
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, cwd=folder, env=clean_environment())
-        progress(f"installing the runtime dependencies with pip: {' '.join(RUNTIME)} (a minute or two)")
+        progress(f"installing {SERVE_REQUIREMENTS.name} with pip (a minute or two)")
         subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--progress-bar", "off",
-                        "-c", str(REPO_ROOT / "constraints.txt"), *RUNTIME],
+                        "-c", str(REPO_ROOT / "constraints.txt"), "-r", str(SERVE_REQUIREMENTS)],
                        check=True, cwd=folder, env=clean_environment(), timeout=1200)
         progress(f"environment ready in {time.monotonic() - started:.0f} s")
     try:
@@ -122,7 +117,7 @@ def test_it_has_every_package_the_handler_imports(fresh_venv, tmp_path):
     result = subprocess.run([str(fresh_venv / "python"), "-c", code, *needed], cwd=tmp_path,
                             env=clean_environment(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert not result.stdout.strip(), (f"handler/ imports modules the runtime install ({' '.join(RUNTIME)}) lacks:\n"
+    assert not result.stdout.strip(), (f"handler/ imports modules that {SERVE_REQUIREMENTS.name} lacks:\n"
                                        f"{result.stdout}")
 
 

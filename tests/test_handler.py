@@ -240,3 +240,24 @@ def test_describe_gives_the_schema_and_capabilities_of_the_loaded_model(served_h
     assert capabilities["tasks"] == ["text-to-image", "image-to-image", "inpainting"]
     assert capabilities["default_scheduler"] == "pndm" and capabilities["default_width"] == 768
     assert described["prompts"] == {"prompt_syntax": "plain", "translate": "never"}  # no translator packed
+
+
+def test_an_image_that_comes_out_nan_is_a_counted_500_never_a_black_200(handler_factory, caplog):
+    # A checkpoint with a corrupted token embedding: prompts with that token come out NaN, the others do not.
+    import torch
+
+    handler, context = handler_factory()
+    pipeline = handler.engine.pipeline
+    poisoned = pipeline.tokenizer("qqq", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        pipeline.text_encoder.get_input_embeddings().weight[poisoned] = float("nan")
+    caplog.set_level("INFO", logger="ts.metrics.caching_metric")
+    bodies = handle(handler, context, [json_row(prompt="a cat", seed=1, **SMALL),
+                                       json_row(prompt="qqq", seed=1, **SMALL),
+                                       json_row(prompt="a dog", seed=2, **SMALL, output_format="png")])
+    assert [context.get_response_status(i)[0] for i in range(3)] == [200, 500, 200]
+    error = json.loads(bodies[1])["error"]
+    assert error["reason"] == "internal_error" and "NaN" in error["message"]
+    assert array_of(bodies[0]).shape == (64, 64, 3)
+    assert any("]RejectedRequests.Count:1|" in record.getMessage() and "Reason:internal_error" in
+               record.getMessage() for record in caplog.records)  # the metrics line TorchServe reads

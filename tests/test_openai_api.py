@@ -287,19 +287,6 @@ def test_a_generation_failure_is_answered_in_openais_shape():
     assert reply.status == 504 and json.loads(reply.body)["error"]["param"] == "timeout_seconds"
 
 
-def test_the_readme_table_is_this_doors_field_list():
-    readme = (REPO_ROOT / "README.md").read_text()
-    section = readme.split("## OpenAI Images API\n", 1)[1].split("\n## ", 1)[0]
-    rows = {}
-    for line in section.splitlines():
-        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-        if line.startswith("|") and cells[0] not in ("OpenAI field", "") and not set(cells[0]) <= set("- "):
-            rows[cells[0].strip("`")] = cells[1:]
-    routes = {openai_api.GENERATIONS: "generations", openai_api.EDITS: "edits"}
-    assert rows == {spec.name: [", ".join(routes[route] for route in spec.routes), spec.handling]
-                    for spec in openai_api.OPENAI_FIELDS}
-
-
 # --- Through the handler, in one batch with native requests ------------------------------------------------------
 
 def test_openai_and_native_requests_in_one_batch_are_each_answered_in_their_own_shape(handler_factory):

@@ -6,7 +6,7 @@ import openai
 import pytest
 
 from helpers import (
-    LONG_PROMPT, LONG_PROMPT_CHANGED, MODEL, json_images, management, predict, start_server, stop_server,
+    LONG_PROMPT, LONG_PROMPT_CHANGED, MODEL, error_of, json_images, management, predict, start_server, stop_server,
     write_model_config,
 )
 
@@ -50,6 +50,20 @@ def test_a_weight_changes_the_image(server):
     plain, weighted = (json_images(generate(server, prompt))[0] for prompt in ("a red fox", "a (red:1.5) fox"))
     assert not np.array_equal(plain, weighted)
     assert np.array_equal(json_images(generate(server, "a red fox"))[0], plain)
+
+
+@pytest.mark.parametrize("field, text", [
+    ("prompt", "(" * 990 + "a red fox" + ")" * 990),  # 1.1 ** 990
+    ("prompt", "a (red fox:" + "9" * 45 + ")"),
+    ("negative_prompt", "((blurry:0):" + "9" * 400 + ")"),  # an infinite weight times 0: NaN
+])
+def test_a_weight_that_would_overflow_is_refused_naming_its_field(server, field, text):
+    fields = {"prompt": "a red fox", field: text}
+    response = predict(server, {**SMALL, **fields})
+    assert response.status_code == 400, response.text[:300]
+    error = error_of(response)
+    assert error["field"] == field and "-10 to 10" in error["message"], error
+    assert np.ptp(json_images(generate(server, "a (red fox:10)"))[0]) > 0  # the bound itself is served
 
 
 def test_a_prompt_longer_than_77_tokens_is_read_to_its_end(server):

@@ -7,7 +7,7 @@ means. ``Contract`` binds those declarations to one loaded model and derives fro
 - ``parse``: a body's fields -> a typed ``ClientRequest``, or a ``Rejection`` naming the field, the value and
   the allowed range (cheap checks first: every scalar is checked before any image is decoded);
 - ``json_schema``: the JSON Schema (draft 2020-12) of the bodies this model accepts;
-- ``field_table``: the README's API table (a test checks the README against it).
+- ``field_table``: the docs' API table (scripts/gen_docs_tables.py writes it into docs/api.md).
 
 Nothing here knows HTTP or TorchServe: a door (``handler/wire.py``) turns its body into a mapping of fields.
 """
@@ -158,6 +158,8 @@ class Choice:
     choices: Bound
 
     def rule(self) -> str:
+        if not self.choices:  # a capability this model lacks, e.g. controlnet names on a model without ControlNets
+            return "a name the model packs (this model packs none)"
         return f"one of {list(self.choices)}"
 
     def read(self, name: str, value, from_form: bool) -> str:
@@ -726,7 +728,7 @@ class Contract:
         return CROSS_FIELD_RULES[name].format(**vars(self.settings))
 
     def field_table(self) -> list[tuple[str, str, str, str]]:
-        """(field, default, allowed, meaning) per field: the README's API table."""
+        """(field, default, allowed, meaning) per field: the docs' API table (scripts/gen_docs_tables.py)."""
         rows = []
         for name, spec in self.declared.items():
             allowed = spec.type.rule()

@@ -257,6 +257,12 @@ class GenerationEngine:
                          sum(r.num_images for r in group), first.width, first.height, str(error))
             return Rejection(OUT_OF_MEMORY, "the server ran out of memory for this generation; try fewer or "
                              "smaller images")
+        if isinstance(error, NonFiniteImages):
+            logger.error("generation of %d request(s) at %dx%d failed: %s", len(group), first.width, first.height,
+                         error)
+            return Rejection(INTERNAL_ERROR, "the generation came out NaN or infinite (the model's numbers "
+                             "overflowed), so no image is sent; lower the prompt's weights or guidance_scale, or try "
+                             "another scheduler or seed")
         logger.error("generation failed for %d request(s)", len(group), exc_info=error)
         return Rejection(INTERNAL_ERROR, "generation failed; the server log has the details")
 
@@ -307,6 +313,9 @@ class GenerationEngine:
         with _vae_dtype_kept(pipeline):
             output = pipeline(**arguments)
         nsfw = getattr(output, "nsfw_content_detected", None)
+        finite = np.isfinite(output.images).reshape(len(per_image), -1).all(axis=1)
+        if not finite.all():  # a NaN would become a black image sent as a success
+            raise NonFiniteImages(f"{int((~finite).sum())} of {len(per_image)} image(s) came out NaN or infinite")
         images = (np.clip(output.images, 0.0, 1.0) * 255).round().astype(np.uint8)
         return images, ([bool(flag) for flag in nsfw] if nsfw is not None else None)
 
@@ -325,6 +334,10 @@ class GenerationEngine:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+class NonFiniteImages(ArithmeticError):
+    """A pipeline call whose output holds NaN or infinity: an error, never a black image sent as a success."""
 
 
 # How allocation failures read when they are not a torch.OutOfMemoryError: the CPU allocator's, and cuDNN's and

@@ -5,7 +5,9 @@ The setting ``prompt_syntax`` picks how a prompt is read:
 - ``plain``: the pipeline reads the text itself, as diffusers does (CLIP truncates after 77 tokens);
 - ``a1111``: AUTOMATIC1111's syntax, ``(word:1.3)``, ``(word)`` = x1.1, ``[word]`` = /1.1, ``\\(`` for a literal
   bracket, ``BREAK`` to start a new chunk. Read leniently as AUTOMATIC1111 does: an unclosed bracket weights the
-  rest of the prompt, a stray closing bracket is text, so no prompt is refused for its syntax;
+  rest of the prompt, a stray closing bracket is text, so no prompt is refused for its syntax. Only a weight
+  beyond ``MAX_WEIGHT`` either way is refused (AUTOMATIC1111 does not bound them, and 990 nested brackets or a
+  45-digit weight overflow the embeddings into a NaN image);
 - ``compel``: the ``compel`` library's syntax (``word++``, ``(word)1.3``, ``.blend()``, ``.and()``) and its
   embeddings, with long prompts not truncated.
 
@@ -30,11 +32,12 @@ from typing import Optional, Sequence
 
 import torch
 
-from handler.core.failures import Rejection, invalid
+from handler.core.failures import Rejection, invalid, shown
 from handler.core.settings import PROMPT_SYNTAXES, SettingsError
 
 PLAIN, A1111, COMPEL = PROMPT_SYNTAXES
 ROUND_STEP = 1.1  # (word) multiplies by 1.1, [word] divides by it
+MAX_WEIGHT = 10.0  # the largest effective weight either way: 24 nested brackets; users rarely go past 2
 COMMA_BACKTRACK = 20  # a chunk that fills up moves its last words after a comma this close to the end to the next
 BREAK = "BREAK"
 
@@ -112,6 +115,15 @@ def parse_a1111(prompt: str) -> list[Fragment]:
         elif piece[0]:
             fragments.append(Fragment(piece[0], piece[1]))
     return fragments or [Fragment("")]
+
+
+def check_weights(fragments: Sequence[Fragment], field: str) -> None:
+    """Refuse a prompt (``field``) with an effective weight beyond ``MAX_WEIGHT`` either way, or not a number."""
+    for fragment in fragments:
+        if not abs(fragment.weight) <= MAX_WEIGHT:  # also NaN: an infinite weight times (text:0)
+            raise invalid(field, f"{field} weights {shown(fragment.text)} by {fragment.weight:.3g}, beyond the allowed "
+                          f"-{MAX_WEIGHT:g} to {MAX_WEIGHT:g}: each (bracket) multiplies by {ROUND_STEP:g} and "
+                          "(text:w) by w; use fewer nested brackets or a smaller weight")
 
 
 def _number(text: str) -> Optional[float]:
@@ -228,14 +240,16 @@ class A1111Encoder(PromptEncoder):
             parts.append(EncoderPart(pipeline.tokenizer_2, pipeline.text_encoder_2, penultimate=True, pooled=True))
         self.parts = tuple(parts)
 
-    def chunks(self, prompt: str) -> list[list[Chunk]]:
-        """Each part's chunks of one prompt."""
+    def chunks(self, prompt: str, field: str = "prompt") -> list[list[Chunk]]:
+        """Each part's chunks of one prompt; a Rejection naming ``field`` when a weight is out of bounds."""
         fragments = parse_a1111(prompt)
+        check_weights(fragments, field)
         return [chunk_tokens(part.tokenizer, fragments) for part in self.parts]
 
     def length_key(self, prompt: str, negative_prompt: Optional[str]) -> int:
-        texts = [prompt] + ([negative_prompt] if negative_prompt is not None else [])
-        return max(len(chunks) for text in texts for chunks in self.chunks(text))
+        texts = {"prompt": prompt, "negative_prompt": negative_prompt}
+        return max(len(chunks) for field, text in texts.items() if text is not None
+                   for chunks in self.chunks(text, field))
 
     @torch.no_grad()
     def arguments(self, prompts: list[str], negative_prompts: list[Optional[str]]) -> dict:
@@ -365,4 +379,6 @@ def prompt_encoder_for(pipeline, syntax: str) -> Optional[PromptEncoder]:
 
 def rejection_for(error: Exception) -> Rejection:
     """A prompt the syntax library could not read: a 400 on the prompt instead of a failed generation."""
+    if isinstance(error, Rejection):  # the syntax's own refusal, naming its field
+        return error
     return invalid("prompt", f"the prompt could not be read with this model's prompt_syntax: {error}")

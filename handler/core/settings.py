@@ -1,7 +1,8 @@
 """Per-model settings: the ``handler:`` section of model-config.yaml, with documented fallbacks.
 
-Every default and limit of the service lives here, in one dataclass, so that the handler, the README table
-and the tests read the same numbers. Unknown keys and out-of-range values fail the model load with a
+Every default and limit of the service lives here, in one dataclass, so that the handler, the docs and the
+tests read the same numbers: the docstring under each field is its meaning in docs/configuration.md's table
+(scripts/gen_docs_tables.py writes it). Unknown keys and out-of-range values fail the model load with a
 message that names the key, instead of being ignored.
 """
 
@@ -40,51 +41,107 @@ class HandlerSettings:
     """What a request gets when it leaves a field out, what it may ask for, and how the model runs."""
 
     default_steps: int = 50
+    """`num_inference_steps` when a request leaves it out"""
     default_guidance_scale: float = 7.5
+    """`guidance_scale` when left out"""
     default_width: int = 768
+    """`width` when left out (text-to-image)"""
     default_height: int = 768
+    """`height` when left out (text-to-image)"""
     default_output_format: str = "array"
+    """`output_format` when neither the field nor `Accept` names one"""
     default_strength: float = 0.8
+    """`strength` for image-to-image and inpainting"""
 
     max_steps: int = 150
+    """largest `num_inference_steps`"""
     max_guidance_scale: float = 30.0
+    """largest `guidance_scale`"""
     min_side: int = 64
+    """smallest `width`/`height`"""
     max_side: int = 1024
+    """largest `width`/`height`"""
     max_pixels: int = 1024 * 1024
+    """largest `width * height`"""
     max_images: int = 4
+    """largest `num_images`"""
     max_request_pixels: int = 4 * 768 * 768
+    """largest `width * height * num_images` of one request"""
     max_batch_pixels: int = 4 * 768 * 768
+    """largest `width * height * images` of one pipeline call; larger groups are split"""
     max_prompt_length: int = 2000
+    """longest `prompt`/`negative_prompt`, in characters"""
     max_input_image_pixels: int = 4096 * 4096
+    """largest input `image`/`mask_image`, checked before decoding"""
     max_generation_seconds: float = 300.0
+    """longest a generation may run, and the largest `timeout_seconds` (its default)"""
     max_loras: int = 4
+    """most LoRAs one request may name in `loras`"""
     max_loaded_loras: int = 8
+    """LoRAs kept loaded in the model (least recently used unloaded); at least `max_loras`"""
     lora_dir: str = ""
+    """a folder of LoRA `.safetensors` files (names = file names) read at start-up, beside the packed ones"""
     max_controlnets: int = 2
+    """most ControlNets one request may combine (`controlnet` as a list)"""
 
     device: str = "auto"
+    """`auto` (CUDA when present), `cpu`, or `cuda` (fails the load without CUDA)"""
     dtype: str = "auto"
+    """`auto` (float16 on CUDA, float32 on CPU), `float32`, `float16`, `bfloat16`"""
     torch_threads: int = 0
+    """torch threads per worker; 0 = cores / live workers"""
     warmup: bool = True
+    """run one tiny generation at load, so the first request is not the slowest"""
     attention: str = "sdpa"
+    """`sdpa` (PyTorch scaled-dot-product attention, fastest) or `slicing` (less memory, and slower than SDPA: only
+    for a GPU too small otherwise; UNet families only, refused at load for SD3 and Flux)"""
     channels_last: bool = False
+    """UNet in channels-last memory format (often faster on CUDA)"""
     torch_compile: bool = False
+    """compile the denoiser (UNet or transformer) with `torch.compile` during warm-up (startup takes minutes; raise
+    `startupTimeout`); the worker's thread count is then fixed at load"""
     compile_mode: str = "default"
+    """`torch.compile` mode: `default`, `reduce-overhead` (CUDA graphs: needs `compile_warmup_sizes`, and other
+    shapes are refused with a 400), `max-autotune`"""
     compile_backend: str = "inductor"
+    """`torch.compile` backend: `inductor`, or `openvino` on Intel CPUs (needs the optional `openvino` package)"""
     compile_warmup_sizes: tuple = ()
+    """shapes the warm-up compiles, as a list of `WIDTHxHEIGHT` or `WIDTHxHEIGHTxIMAGES` (images per call); empty:
+    the default size, 1 image. Two or more compile with dynamic shapes, so one graph serves every size and batch"""
     compile_repeated_blocks: bool = False
+    """compile only the denoiser's repeated blocks (regional compilation): compiles in seconds instead of minutes,
+    nearly the same speed; best for SD3 and Flux"""
     compile_vae: bool = False
+    """also compile the VAE decoder, in channels-last"""
     fuse_qkv: bool = False
+    """fuse each attention layer's query/key/value projections into one matmul (denoiser and VAE)"""
     tf32: bool = False
+    """TensorFloat-32 matmuls for the float32 parts (the upcast SDXL VAE, float32 models); CUDA only, set before
+    compiling"""
     quantization: str = "none"
+    """`int8wo` (int8 weights) or `fp8` (float8, GPUs of compute capability 8.9+) for the denoiser through torchao
+    (optional package: the load fails with a message naming it when it is missing)"""
     step_cache_threshold: float = 0.0
+    """Flux (SD3's pipeline in diffusers 0.42 runs no cache context, so it is refused there): diffusers' first-block
+    cache; skip the other blocks on steps where the first block's output changed by less than this (0.05-0.2; 0 =
+    off). Faster, but images differ from uncached ones, more as it grows"""
     vae_slicing: bool = False
+    """decode a batch's images one at a time (less memory for `num_images` > 1)"""
     vae_tiling: bool = False
+    """decode large images in tiles (less memory above 1024 px)"""
     cpu_offload: bool = False
+    """keep components on the CPU and move each to the GPU while it runs (CUDA only; for small GPUs)"""
     variant: str = ""
+    """load a weights variant, e.g. `fp16` for `*.fp16.safetensors` files (empty: the default weights)"""
     safety_checker: bool = True
+    """run the pipeline's safety checker where it has one; `false` disables it (an operator choice, never a request
+    field)"""
     prompt_syntax: str = "plain"
+    """how prompts are read: `plain` (diffusers, truncated at 77 tokens), `a1111` (AUTOMATIC1111 weights) or
+    `compel`; the last two read long prompts in chunks (SD 1/2, SDXL) (docs/prompts.md)"""
     translate: str = "auto"
+    """with a translator packed by `build_mar.sh --translator`: `auto` (prompts with CJK characters), `always`,
+    `never` (docs/prompts.md)"""
 
     @classmethod
     def from_mapping(cls, values: Optional[Mapping[str, Any]]) -> "HandlerSettings":
