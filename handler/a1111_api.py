@@ -154,8 +154,9 @@ A1111_FIELDS: tuple[A1111Field, ...] = (
     A1111Field("clip_skip", BOTH, HABIT, "only 1 (SD.Next's field; SillyTavern sends it)", accepted=(1, None)),
 )
 # The hires-fix fields: A1111 reads them only with enable_hr, so clients send their own defaults freely.
-HIRES_FIELDS = ("hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_checkpoint_name",
-                "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt", "hr_cfg", "hr_distilled_cfg")
+HIRES_FIELDS = ("hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y",
+                "hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt", "hr_cfg",
+                "hr_distilled_cfg")
 FIELD_OF = {spec.name: spec for spec in A1111_FIELDS}
 # override_settings that may be given at the value this server has (anything else is refused).
 FIXED_SETTINGS = {"CLIP_stop_at_last_layers": (1,), "sd_vae": ("Automatic", "None", None)}
@@ -290,7 +291,7 @@ class A1111Door:
     def _check_fields(self, route: str, body: Mapping[str, Any]) -> None:
         """Unknown fields are refused with the list of known ones; habit fields only at their habit values."""
         unknown = [key for key in body if (key not in FIELD_OF or route not in FIELD_OF[key].routes)
-                   and key not in HIRES_FIELDS]
+                   and not (route == TXT2IMG and key in HIRES_FIELDS)]
         if unknown:
             listed = ", ".join(shown(key) for key in unknown[:MAX_UNKNOWN_SHOWN])
             more = f" and {len(unknown) - MAX_UNKNOWN_SHOWN} more" if len(unknown) > MAX_UNKNOWN_SHOWN else ""
@@ -560,13 +561,3 @@ def _same(value, allowed) -> bool:
         return list(value) == list(allowed)
     return value == allowed
 
-
-def field_table() -> str:
-    """The docs' table of A1111 fields: route, handling, note."""
-    lines = ["| field | txt2img | img2img | handling |", "|---|---|---|---|"]
-    for spec in A1111_FIELDS:
-        lines.append(f"| `{spec.name}` | {'yes' if TXT2IMG in spec.routes else '-'} | "
-                     f"{'yes' if IMG2IMG in spec.routes else '-'} | {spec.handling}: {spec.note} |")
-    lines.append(f"| `{'`, `'.join(HIRES_FIELDS)}` | yes | yes | ignored (read only with enable_hr, which is "
-                 "refused) |")
-    return "\n".join(lines)

@@ -197,12 +197,6 @@ def test_a_result_is_images_parameters_and_an_info_string_with_infotexts():
                                                             scheduler="pndm")]).body)["images"] == []
 
 
-def test_the_docs_table_is_this_doors_field_list():
-    from conftest import REPO_ROOT
-
-    assert a1111_api.field_table() in (REPO_ROOT / "docs" / "a1111-clients.md").read_text()
-
-
 def test_an_a1111_request_batched_with_native_and_openai_requests_gives_the_image_it_gives_alone(handler_factory):
     """One pipeline call serves all three protocols; each answer has its own shape, and the A1111 image is the
     one the same request gives alone (image i keeps its own generator, whatever shares the call), within the
