@@ -73,7 +73,7 @@ def ways(pipeline_dir: Path, files: dict, device: str, compile_too: bool):
     from handler.core.settings import HandlerSettings
     from handler.model.adapters import LoraAdapters, serve_loras
     from handler.model.device import Placement
-    from handler.model.loading import load_pipeline
+    from handler.model.loading import load_pipeline, optimize_pipeline, read_pipeline
 
     dtype = torch.float16 if device == "cuda" else torch.float32
     placement = Placement(device, dtype)
@@ -87,10 +87,10 @@ def ways(pipeline_dir: Path, files: dict, device: str, compile_too: bool):
 
     def hot_swapped(compiled: bool):
         settings = HandlerSettings(max_loras=1, max_loaded_loras=2, torch_compile=compiled)
-        prepared = []
-        pipeline = load_pipeline(pipeline_dir, placement, settings, prepare=lambda pipeline: prepared.append(
-            serve_loras(pipeline, files, 1, 2, hotswap=True)))
-        return GenerationEngine(pipeline, 10**9, loras=prepared[0])
+        pipeline = read_pipeline(pipeline_dir, placement, settings)
+        loras = serve_loras(pipeline, files, 1, 2, hotswap=True)  # the slots must exist before compiling
+        optimize_pipeline(pipeline, placement, settings)
+        return GenerationEngine(pipeline, 10**9, loras=loras)
 
     found = [("no LoRA", lambda: plain()), ("unfused, resident", lambda: plain(max_loaded=2)),
              ("unfused, from disk", lambda: plain(max_loaded=1)), ("fused", lambda: plain(fusing=True)),

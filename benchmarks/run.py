@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark the diffusers handler on a real TorchServe against in-process generation and an upstream baseline.
 
-    python benchmarks/run.py            # full run (about 20 minutes on 2 idle cores)
+    python benchmarks/run.py            # full run (about 16 minutes on 2 idle cores; docs/performance.md)
     python benchmarks/run.py --quick    # smaller sizes and fewer runs (a couple of minutes), to check the script
     python benchmarks/run.py --output results.json
     python benchmarks/run.py --only workers   # one section (repeatable): overhead, batching, workers, ...

@@ -4,7 +4,7 @@ Checks what a long-running service must keep doing: every request answered with 
 none lost, no worker restarted, and worker memory flat (growth between the first and the last part of the
 run). Loopback only; the run stops by itself after --duration seconds. Prints a table and writes JSON.
 
-    python benchmarks/soak.py --duration 180          # the README's figures
+    python benchmarks/soak.py --duration 180          # the figures in docs/operations.md
     python benchmarks/soak.py --duration 30           # the short mode CI runs (tests/test_soak.py)
 """
 

@@ -19,13 +19,13 @@ from typing import Optional
 
 from builder.components import (ComponentError, check_loras, check_vae, parse_lora_argument, vae_entries,
                                 VAE_FOLDER)
-from builder.families import FAMILIES
+from builder.families import FAMILIES, FULL_SIZE_FAMILIES
 from handler.model.adapters import LORA_SUFFIX, PACKAGED_FOLDER
 from handler.model.pipeline_files import find_pipeline_folder
+from handler.model.weight_files import WeightFileError, check_weights_in, is_pickle, read_header, refuse_pickle
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_PACKAGE = REPO_ROOT / "handler"  # what a worker runs; the builder itself is never shipped
-PIPELINE_ZIP = "pipeline.zip"
 PIPELINE_FOLDER = "pipeline"
 # A pipeline's configs, tokenizers and per-component safetensors weights; not root-level single-file
 # checkpoints, and not weight variants (diffusion_pytorch_model.fp16.safetensors), which would multiply the size.
@@ -37,6 +37,7 @@ PIPELINE_SEARCH_DEPTH = 3  # --model-dir levels searched for model_index.json (h
 TRANSLATOR_FOLDER = "translator"  # where the handler looks for it (handler/model/translation.py)
 # Weights for other frameworks that hub translation models carry beside the PyTorch ones: never needed here.
 OTHER_FRAMEWORK_WEIGHTS = ("tf_model.h5", "flax_model.msgpack", "rust_model.ot")
+TRANSLATOR_WEIGHTS = "model.safetensors"
 
 
 def progress(message: str) -> None:
@@ -49,13 +50,23 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     source.add_argument("--tiny", action="store_true", help="build a tiny random-weight pipeline offline")
     source.add_argument("--model-dir", type=Path, help="a local diffusers pipeline folder (holds model_index.json)")
     source.add_argument("--model-id", help="a Hugging Face hub id to download, e.g. stabilityai/stable-diffusion-2-1")
+    source.add_argument("--checkpoint", type=Path,
+                        help="a single-file .safetensors checkpoint (civitai, AUTOMATIC1111: SD 1.x, SD 2.x, SDXL "
+                             "base, SD3, Flux), converted once into a diffusers folder")
+    parser.add_argument("--config-from", metavar="DIR_OR_HUB_ID",
+                        help="with --checkpoint: the diffusers layout (configs, tokenizers, scheduler) to convert "
+                             "into; default: the family's standard hub repository (needs the hub at build time)")
     parser.add_argument("--revision", help="hub revision (branch, tag or commit) for --model-id")
     parser.add_argument("--family", choices=FAMILIES, default="sd1",
                         help="with --tiny: which pipeline family's layout to build (default: %(default)s)")
+    parser.add_argument("--full-size", action="store_true",
+                        help="with --tiny: random weights with the family's exact published configs (sd1, sd2-v, "
+                             "sdxl; 2-7 GB of fp16 safetensors) instead of tiny ones, to measure real-scale costs")
     parser.add_argument("--name", default="stable_diffusion", help="model name in TorchServe (default: %(default)s)")
     parser.add_argument("--archive-format", choices=("zip", "no-archive"), default="zip",
-                        help="zip: one .mar file holding pipeline.zip; no-archive: a folder, which avoids zipping "
-                             "multi-GB weights (default: %(default)s)")
+                        help="zip: one .mar file, the pipeline stored uncompressed (TorchServe's extraction is a copy and "
+                             "the handler loads it in place); no-archive: a folder, which TorchServe serves without "
+                             "copying (default: %(default)s)")
     parser.add_argument("--config-file", type=Path, default=REPO_ROOT / "model-config.yaml",
                         help="model-config.yaml to package (default: the repository's)")
     parser.add_argument("--export-path", type=Path, default=REPO_ROOT / "model_store",
@@ -77,8 +88,14 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     arguments = parser.parse_args(argv)
     if arguments.revision and not arguments.model_id:
         parser.error("--revision goes with --model-id")
+    if arguments.config_from and not arguments.checkpoint:
+        parser.error("--config-from goes with --checkpoint")
     if arguments.family != "sd1" and not arguments.tiny:
         parser.error("--family goes with --tiny")
+    if arguments.full_size and not arguments.tiny:
+        parser.error("--full-size goes with --tiny")
+    if arguments.full_size and arguments.family not in FULL_SIZE_FAMILIES:
+        parser.error(f"--full-size exists for the families {', '.join(FULL_SIZE_FAMILIES)}; got {arguments.family}")
     try:
         arguments.lora = [parse_lora_argument(text) for text in arguments.lora]
     except ComponentError as error:
@@ -90,6 +107,13 @@ def parse_arguments(argv=None) -> argparse.Namespace:
 
 def pipeline_source(arguments: argparse.Namespace) -> Path:
     """The folder holding model_index.json, built or downloaded as the arguments ask."""
+    if arguments.tiny and arguments.full_size:
+        from builder.full_size import build_full_size_pipeline
+
+        folder = arguments.work_dir / f"full-{arguments.family}"
+        progress(f"building the full-size random-weight {arguments.family} pipeline in {folder}")
+        shutil.rmtree(folder, ignore_errors=True)
+        return build_full_size_pipeline(folder, arguments.family, arguments.work_dir, progress)
     if arguments.tiny:
         from builder.tiny_pipeline import build_tiny_pipeline
 
@@ -108,6 +132,15 @@ def pipeline_source(arguments: argparse.Namespace) -> Path:
             raise SystemExit(f"build_mar: {arguments.model_dir} holds {len(folders)} diffusers pipelines (folders with "
                              f"model_index.json):{listing}\npass one of them with --model-dir")
         return folders[0]
+    if arguments.checkpoint:
+        from builder.checkpoints import CheckpointError, convert_checkpoint
+
+        try:
+            return convert_checkpoint(arguments.checkpoint, arguments.config_from,
+                                      arguments.work_dir / f"checkpoint-{arguments.checkpoint.stem}",
+                                      arguments.work_dir / "downloads", progress)
+        except CheckpointError as error:
+            raise SystemExit(f"build_mar: {error}") from None
     return download(arguments.model_id, arguments.revision, arguments.work_dir / "downloads")
 
 
@@ -181,24 +214,32 @@ def pipeline_files(folder: Path, vae: Optional[Path] = None) -> list[tuple[Path,
                   key=lambda entry: entry[1])
 
 
-def zip_pipeline(folder: Path, archive: Path, vae: Optional[Path] = None) -> None:
-    """Store the pipeline (no compression: weights do not compress) with world-readable modes.
+def write_mar(layout: Path, folder: Path, archive: Path, vae: Optional[Path] = None) -> None:
+    """Write the .mar: the archiver's layout (manifest, handler, config, adapters) and the pipeline's files under
+    ``pipeline/``, all stored without compression.
 
-    safetensors writes its files 0600; an archive that kept that mode could not be read by a server running
-    as another user.
+    Weights do not compress, and a stored entry is extracted by a plain copy: TorchServe's unpacking of the
+    .mar is then the only copy the server makes, and the handler loads the pipeline where it lies (a nested
+    pipeline.zip cost a second extraction and a second copy on disk). Entries are world-readable: safetensors
+    writes its files 0600, and an archive that kept that mode could not be read by a server running as another
+    user. Written beside the target and renamed, so a failed build never leaves half an archive.
     """
-    files = pipeline_files(folder, vae)
-    total = sum(path.stat().st_size for path, _ in files)
+    entries = [(path, path.relative_to(layout).as_posix()) for path in sorted(layout.rglob("*")) if path.is_file()]
+    entries += [(path, f"{PIPELINE_FOLDER}/{name}") for path, name in pipeline_files(folder, vae)]
+    total = sum(path.stat().st_size for path, _ in entries)
+    partial = archive.with_name(archive.name + ".partial")
     written = 0
-    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED, allowZip64=True) as bundle:
-        for path, name in files:
+    with zipfile.ZipFile(partial, "w", zipfile.ZIP_STORED, allowZip64=True) as bundle:
+        for path, name in entries:
             entry = zipfile.ZipInfo.from_file(path, arcname=name)
             entry.external_attr = 0o100644 << 16
             entry.compress_type = zipfile.ZIP_STORED
             with open(path, "rb") as source, bundle.open(entry, "w", force_zip64=True) as target:
                 shutil.copyfileobj(source, target, 16 * 1024 * 1024)
             written += path.stat().st_size
-            progress(f"  zipped {entry.filename} ({_megabytes(written)}/{_megabytes(total)} MB)")
+            if name.startswith(f"{PIPELINE_FOLDER}/"):
+                progress(f"  stored {name} ({_megabytes(written)}/{_megabytes(total)} MB)")
+    os.replace(partial, archive)
 
 
 def copy_pipeline(folder: Path, target: Path, vae: Optional[Path] = None) -> None:
@@ -225,17 +266,20 @@ def stage_loras(loras: list[tuple[str, Path]], staging: Path) -> None:
 
 
 def translator_files(folder: Path) -> list[Path]:
-    """The files of a translation model folder to pack: configs, tokenizer files and one set of PyTorch weights."""
+    """The files of a translation model folder to pack: configs, tokenizer files and its safetensors weights."""
     if not (folder / "config.json").is_file():
         raise SystemExit(f"build_mar: --translator {folder} holds no config.json; pass a transformers translation "
                          "model folder (as save_pretrained writes it, e.g. a download of Helsinki-NLP/opus-mt-zh-en)")
-    files = [path for path, _ in pipeline_files(folder) if path.name not in OTHER_FRAMEWORK_WEIGHTS]
-    if any(path.suffix == ".safetensors" for path in files):
-        files = [path for path in files if path.suffix != ".bin"]
-    if not any(path.suffix in (".safetensors", ".bin") for path in files):
-        raise SystemExit(f"build_mar: --translator {folder} holds no PyTorch weights (model.safetensors or "
-                         "pytorch_model.bin)")
-    return files
+    weights = folder / TRANSLATOR_WEIGHTS
+    if not weights.is_file():
+        for path in sorted(folder.iterdir()):
+            refuse_pickle(path, "--translator")
+        raise SystemExit(f"build_mar: --translator {folder} holds no {TRANSLATOR_WEIGHTS} (only safetensors "
+                         "weights are packed)")
+    read_header(weights, "--translator")
+    # Hub translation repos carry pickled copies of the same weights beside the safetensors: never packed.
+    return [path for path, _ in pipeline_files(folder)
+            if path.name not in OTHER_FRAMEWORK_WEIGHTS and not is_pickle(path)]
 
 
 def stage_translator(folder: Path, staging: Path) -> None:
@@ -267,8 +311,9 @@ def archiver_command() -> str:
     return found
 
 
-def run_archiver(arguments: argparse.Namespace, staging: Path) -> None:
-    """Call torch-model-archiver, printing a heartbeat while it works (it prints nothing itself)."""
+def run_archiver(arguments: argparse.Namespace, staging: Path, export_path: Path) -> None:
+    """Call torch-model-archiver for the archive folder ``export_path/NAME`` (manifest, handler, config, the
+    staged files), printing a heartbeat while it works (it prints nothing itself)."""
     command = [
         archiver_command(),
         "--model-name", arguments.name,
@@ -276,8 +321,8 @@ def run_archiver(arguments: argparse.Namespace, staging: Path) -> None:
         "--handler", str(staging / SHIPPED_PACKAGE.name / "stable_diffusion_handler.py"),
         "--extra-files", str(staging),
         "--config-file", str(arguments.config_file),
-        "--export-path", str(arguments.export_path),
-        "--archive-format", "default" if arguments.archive_format == "zip" else "no-archive",
+        "--export-path", str(export_path),
+        "--archive-format", "no-archive",
         "--force",
     ]
     finished = threading.Event()
@@ -305,6 +350,7 @@ def build(arguments: argparse.Namespace) -> Path:
     if arguments.translator is not None:
         translator_files(arguments.translator)  # refuse a wrong folder before building or downloading anything
     folder = pipeline_source(arguments)
+    check_weights_in(folder, "the pipeline")
     if arguments.vae is not None:
         check_vae(folder, arguments.vae)
         progress(f"the VAE of {arguments.vae} replaces the pipeline's")
@@ -329,11 +375,15 @@ def build(arguments: argparse.Namespace) -> Path:
             shutil.rmtree(staging, ignore_errors=True)
             raise SystemExit(f"build_mar: {error}") from None
     if arguments.archive_format == "zip":
-        progress(f"[1/2] packing {folder} into {PIPELINE_ZIP}")
-        zip_pipeline(folder, staging / PIPELINE_ZIP, arguments.vae)
-        progress("[2/2] writing the .mar with torch-model-archiver")
-        run_archiver(arguments, staging)
         output = archive_path(arguments)
+        layout = arguments.work_dir / f"layout-{arguments.name}"
+        shutil.rmtree(layout, ignore_errors=True)
+        layout.mkdir(parents=True)
+        progress("[1/2] writing the manifest and handler with torch-model-archiver")
+        run_archiver(arguments, staging, layout)
+        progress(f"[2/2] writing {output}, {folder} stored uncompressed under {PIPELINE_FOLDER}/")
+        write_mar(layout / arguments.name, folder, output, arguments.vae)
+        shutil.rmtree(layout, ignore_errors=True)
     else:
         output = archive_path(arguments)
         if output.is_dir() and not output.is_symlink():
@@ -341,7 +391,7 @@ def build(arguments: argparse.Namespace) -> Path:
         elif os.path.lexists(output):
             output.unlink()
         progress("[1/2] writing the archive folder with torch-model-archiver")
-        run_archiver(arguments, staging)
+        run_archiver(arguments, staging, arguments.export_path)
         progress(f"[2/2] copying {folder} into {output / PIPELINE_FOLDER}")
         copy_pipeline(folder, output / PIPELINE_FOLDER, arguments.vae)
     shutil.rmtree(staging, ignore_errors=True)
@@ -360,7 +410,10 @@ def _megabytes(size: int) -> str:
 
 
 def main(argv=None) -> None:
-    build(parse_arguments(argv))
+    try:
+        build(parse_arguments(argv))
+    except WeightFileError as error:
+        raise SystemExit(f"build_mar: {error}") from None
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from handler.model.adapters import LORA_SUFFIX, LoraError, check_lora, check_name
 from handler.model.pipeline_index import null_components
+from handler.model.weight_files import WeightFileError, check_safetensors, check_weights_in
 
 VAE_FOLDER = "vae"
 VAE_CONFIG = "config.json"
@@ -32,8 +33,12 @@ def parse_lora_argument(text: str) -> tuple[str, Path]:
     except LoraError as error:
         raise ComponentError(f"--lora {text}: {error}") from None
     path = Path(path)
-    if not path.is_file() or not path.name.endswith(LORA_SUFFIX):
+    if not path.is_file():
         raise ComponentError(f"--lora {text}: {path} is not a {LORA_SUFFIX} file (diffusers/PEFT or kohya format)")
+    try:
+        check_safetensors(path, f"--lora {name}")
+    except WeightFileError as error:
+        raise ComponentError(str(error)) from None
     return name, path
 
 
@@ -61,6 +66,10 @@ def check_loras(folder: Path, loras: list[tuple[str, Path]], progress) -> None:
 
 def check_vae(folder: Path, vae: Path) -> None:
     """A VAE folder that can replace ``folder``'s: same class, same latent channels, weights present."""
+    try:
+        check_weights_in(vae, "--vae")
+    except WeightFileError as error:
+        raise ComponentError(str(error)) from None
     if not (vae / VAE_CONFIG).is_file() or not list(vae.glob("*.safetensors")):
         raise ComponentError(f"--vae {vae}: expected a diffusers VAE folder with {VAE_CONFIG} and .safetensors "
                              "weights (as save_pretrained writes it)")

@@ -13,6 +13,8 @@ import re
 import shutil
 from pathlib import Path
 
+from handler.model.weight_files import WeightFileError, check_weights_in
+
 # The fields of a UNet ControlNet's config that must equal its UNet's, and of a Flux one's (the inner width
 # num_attention_heads x attention_head_dim is compared too).
 UNET_FIELDS = ("in_channels", "block_out_channels", "cross_attention_dim", "addition_embed_type",
@@ -51,6 +53,10 @@ def check_controlnet(name: str, folder: Path, pipeline_folder: Path) -> str:
     class_name = config.get("_class_name")
     if class_name != expected:
         raise ControlNetError(f"{where} is a {class_name}; a {pipeline_class} takes a {expected}")
+    try:
+        check_weights_in(folder, where)
+    except WeightFileError as error:
+        raise ControlNetError(str(error)) from None
     if not any(folder.glob("*.safetensors")):
         raise ControlNetError(f"{where} has no .safetensors weights (only safetensors are packed: pickled .bin "
                               "weights could run code when loaded)")

@@ -34,3 +34,5 @@ FAMILY_INFO = {
     "flux": FamilyInfo("FluxPipeline", 16, 1024, False, "flow_matching"),
 }
 FAMILIES = tuple(FAMILY_INFO)
+# Families build_mar.sh --tiny --full-size builds with their published configs (builder/full_size.py).
+FULL_SIZE_FAMILIES = ("sd1", "sd2-v", "sdxl")

@@ -1,6 +1,6 @@
 """Tiny random LoRA adapters for the tiny pipelines, made offline with PEFT, in the two formats people ship.
 
-Tests and the README demo need LoRA files without a hub. A LoRA here is what a trainer would save: PEFT LoRA
+Tests and the docs' examples need LoRA files without a hub. A LoRA here is what a trainer would save: PEFT LoRA
 layers on the denoiser's attention projections (``to_q``, ``to_k``, ``to_v``, ``to_out.0``), written by the
 pipeline's own ``save_lora_weights`` (the diffusers/PEFT format), or the same weights renamed to the
 kohya/sd-scripts format that civitai files use (``lora_unet_<module path with _>.lora_down/lora_up/alpha``),

@@ -4,7 +4,7 @@ A ControlNet made with ``ControlNetModel.from_unet`` (``FluxControlNetModel.from
 its output convolutions at zero, so it adds nothing and an image made with it equals one made without. These
 makers fill the weights of those layers with random values, seeded, and leave their biases at zero, so what a
 tiny ControlNet adds depends on its condition image, and two seeds of it steer differently.
-Run as ``python -m builder.tiny_controlnets --family sdxl build/cn-sdxl`` to get one for the README examples.
+Run as ``python -m builder.tiny_controlnets --family sdxl build/cn-sdxl`` to get one for the docs' examples.
 """
 
 import argparse

@@ -1,6 +1,6 @@
 """Build tiny random-weight diffusers pipelines offline, one per supported model family.
 
-Tests, the README demo and the benchmarks need pipelines without a model hub. These keep the real geometry of
+Tests, the demo, the docs' examples and the benchmarks need pipelines without a model hub. These keep the real geometry of
 each family (a 4-block VAE, so latents are 1/8 of the image side; 77-token CLIP tokenizers; the real default
 image size; the real scheduler kind and prediction type) while being a few MB and building in about a second.
 They are saved with ``save_pretrained`` exactly as a downloaded checkpoint, so they go through the same loading

@@ -1,6 +1,6 @@
 """Build a tiny random-weight MarianMT translator folder offline, laid out like Helsinki-NLP/opus-mt-zh-en.
 
-Tests and the README demo of ``build_mar.sh --translator`` need a translation model without a hub. The folder
+Tests and the docs' example of ``build_mar.sh --translator`` need a translation model without a hub. The folder
 holds what a downloaded opus-mt model holds: ``config.json``, ``generation_config.json``, ``model.safetensors``,
 ``source.spm`` and ``target.spm`` (sentencepiece models, trained here on a few sentences with character
 pieces), ``vocab.json`` (the shared piece -> id map) and ``tokenizer_config.json``, so it loads through the

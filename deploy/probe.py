@@ -7,9 +7,10 @@ probe cannot be used without turning authorization off. This probe runs inside t
 - ``live``: the frontend answers HTTP on /ping. It asks *without* a key, so the answer is TorchServe's refusal
   (400): that proves the server is up and tells nothing. No key is read.
 - ``ready``: reads the keys from ``key_file.json`` (which only the server's user can read, mode 0600), then
-  asks /ping with the inference key (200 "Healthy": every model has its minWorkers healthy) and the management
-  API for each ``--model``: at least one worker READY. TorchServe marks a worker READY only when the handler's
-  initialize() has returned, after loading and the warm-up generation, so the pod takes traffic only then.
+  asks /ping with the inference key (200 "Healthy": every model has its minWorkers started) and the management
+  API for each ``--model`` (every registered model when none is named): at least one worker READY. TorchServe
+  marks a worker READY only when the handler's initialize() has returned, after loading and the warm-up
+  generation, so the pod takes traffic only then.
   The key file is read on every probe, so keys renewed through the token API are picked up.
 
 Standard library only: it runs with whatever Python the serving image has. Exit 0 when healthy, 1 otherwise,
@@ -70,7 +71,10 @@ def ready(args) -> str:
     status, body = fetch(f"{args.url}/ping", read_key(args.key_file, "inference"), args.timeout)
     if status != 200:
         raise ProbeFailed(f"/ping answered {status}: {body.strip()[:200]}")
-    for model in args.model:
+    models = args.model or registered_models(args)
+    if not models:
+        raise ProbeFailed("no model is registered yet")
+    for model in models:
         status, body = fetch(f"{args.management_url}/models/{model}", read_key(args.key_file, "management"),
                              args.timeout)
         if status != 200:
@@ -78,7 +82,15 @@ def ready(args) -> str:
         workers = [worker for version in json.loads(body) for worker in version.get("workers", [])]
         if not any(worker.get("status") == "READY" for worker in workers):
             raise ProbeFailed(f"model {model} has no READY worker yet ({len(workers)} starting)")
-    return "ready: /ping is Healthy" + (f" and {', '.join(args.model)} has a READY worker" if args.model else "")
+    return f"ready: /ping is Healthy and {', '.join(models)} has a READY worker"
+
+
+def registered_models(args) -> list[str]:
+    status, body = fetch(f"{args.management_url}/models?limit=1000", read_key(args.key_file, "management"),
+                         args.timeout)
+    if status != 200:
+        raise ProbeFailed(f"listing the models: the management API answered {status}: {body.strip()[:200]}")
+    return [model["modelName"] for model in json.loads(body)["models"]]
 
 
 class ProbeFailed(Exception):
@@ -92,7 +104,8 @@ def main(argv=None) -> int:
     parser.add_argument("--management-url", default="http://127.0.0.1:8081", help="the management address")
     parser.add_argument("--key-file", type=Path, default=Path("key_file.json"),
                         help="TorchServe's key_file.json (in the directory TorchServe was started from)")
-    parser.add_argument("--model", action="append", default=[], help="a model that must have a READY worker")
+    parser.add_argument("--model", action="append", default=[],
+                        help="a model that must have a READY worker (default: every registered model)")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each answer")
     args = parser.parse_args(argv)
     try:

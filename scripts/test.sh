@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up .venv if needed, then run the whole test suite, serving tests included (about 5 minutes on 2 cores).
+# Set up .venv if needed, then run the whole test suite, serving tests included (12 to 21 minutes on 2 cores).
 # Extra arguments go to pytest, e.g. scripts/test.sh -m "not serving" for the fast unit tests only.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

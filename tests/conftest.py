@@ -41,16 +41,13 @@ def tiny_pipeline(tiny_pipeline_dir):
 
 @pytest.fixture(scope="session")
 def handler_factory(tiny_pipeline_dir, tmp_path_factory):
-    """Make an initialised handler whose model dir holds the tiny pipeline zipped, as in a built .mar."""
-    from builder.build_mar import zip_pipeline
+    """Make an initialised handler whose model dir holds the tiny pipeline under pipeline/, as TorchServe
+    extracts a built .mar."""
     from handler.stable_diffusion_handler import StableDiffusionHandler
-
-    archive = tmp_path_factory.mktemp("archive") / "pipeline.zip"
-    zip_pipeline(tiny_pipeline_dir, archive)
 
     def make(handler_settings: dict | None = None):
         model_dir = tmp_path_factory.mktemp("model_dir")
-        shutil.copy(archive, model_dir / "pipeline.zip")
+        shutil.copytree(tiny_pipeline_dir, model_dir / "pipeline")
         handler = StableDiffusionHandler()
         context = make_context(model_dir, {"warmup": False, **(handler_settings or {})})
         handler.initialize(context)

@@ -284,6 +284,17 @@ def shipped_settings():
     return HandlerSettings.from_mapping(shipped_model_config().get("handler"))
 
 
+# --- The protocols in-process ---------------------------------------------------------------------------------------
+
+def read_native(contract, row: dict, headers: dict):
+    """The native protocol's reading of one request as TorchServe hands it over: its ClientRequest, or it
+    raises the Rejection that answers it."""
+    from handler.protocols.http import HttpRequest, ServedModel
+    from handler.protocols.native import NativeProtocol
+
+    return NativeProtocol(contract, ServedModel(MODEL)).read(HttpRequest(row, headers)).request
+
+
 # --- In-process TorchServe context -------------------------------------------------------------------------------
 
 def make_context(model_dir: Path, handler_settings: dict | None = None, batch_size: int = 1):

@@ -15,23 +15,25 @@ import pytest
 from PIL import Image
 
 from conftest import set_requests
-from handler import a1111_api
+from handler.protocols import a1111
 from handler.core.capabilities import ModelCapabilities
 from handler.core.contract import Contract
 from handler.core.failures import Rejection
 from handler.core.generation import GenerationResult
 from handler.core.schedulers import from_a1111, scheduler_names
 from handler.core.settings import HandlerSettings
+from handler.protocols.http import HttpRequest, ServedModel
 from test_infotext import parse_infotext
 
 CONTRACT = Contract(HandlerSettings(), ModelCapabilities(loras=("ink", "pencil")))
-DOOR = a1111_api.A1111Door(CONTRACT, "tiny-sd")
+PROTOCOL = a1111.A1111Protocol(CONTRACT, ServedModel("tiny-sd"))
 SMALL = {"steps": 2, "width": 64, "height": 64}
 
 
 def read(route="txt2img", body=None, raw: bytes = None):
     payload = raw if raw is not None else b"" if body is None else json.dumps(body).encode()
-    return DOOR.read(route, {"body": payload}, {"Content-Type": "application/json", "url_path": f"sdapi/v1/{route}"})
+    return PROTOCOL.read(HttpRequest({"body": payload}, {"Content-Type": "application/json",
+                                                         "url_path": f"sdapi/v1/{route}"}))
 
 
 def refused(route, body) -> Rejection:
@@ -42,7 +44,7 @@ def refused(route, body) -> Rejection:
 
 def answer(route):
     call = read(route)
-    reply = DOOR.respond(call, call.work())
+    reply = PROTOCOL.respond(call, call.requests())
     assert reply.status == 200
     return json.loads(reply.body)
 
@@ -58,7 +60,7 @@ def png_base64(array: np.ndarray) -> str:
     ("v1/images/generations", None), ("", None), ("sdapi/v10/x", None),
 ])
 def test_only_url_paths_under_sdapi_v1_come_through_this_door(url_path, route):
-    assert a1111_api.route_of({"url_path": url_path}) == route
+    assert a1111.route_of(HttpRequest({}, {"url_path": url_path})) == route
 
 
 def test_a1111_fields_and_defaults_become_the_contracts_fields():
@@ -119,7 +121,7 @@ def test_what_sillytavern_sends_by_habit_is_accepted():
 ])
 def test_what_cannot_be_honoured_is_a_400_naming_the_a1111_field(body, field, words):
     rejection = refused("txt2img", {"prompt": "a fox", **SMALL, **body})
-    reply = a1111_api.error_reply(rejection)
+    reply = a1111.error_reply(rejection)
     error = json.loads(reply.body)
     assert reply.status == 400 and error["field"] == field and words in error["detail"], error
     assert set(error) >= {"error", "detail", "body", "errors"}  # A1111's error shape
@@ -127,7 +129,7 @@ def test_what_cannot_be_honoured_is_a_400_naming_the_a1111_field(body, field, wo
 
 def test_another_model_is_a_404_naming_the_served_one():
     rejection = refused("txt2img", {"prompt": "a fox", "override_settings": {"sd_model_checkpoint": "sdxl"}})
-    reply = a1111_api.error_reply(rejection)
+    reply = a1111.error_reply(rejection)
     assert reply.status == 404 and "'tiny-sd'" in json.loads(reply.body)["detail"]
     assert read(body={"prompt": "a fox", "override_settings": {"sd_model_checkpoint": "tiny-sd.safetensors"}})
 
@@ -165,14 +167,14 @@ def test_get_routes_answer_in_a1111s_shapes():
     assert answer("embeddings") == {"loaded": {}, "skipped": {}}
     with pytest.raises(Rejection) as caught:
         read("extra-single-image", {"image": ""})
-    assert a1111_api.error_reply(caught.value).status == 404
+    assert a1111.error_reply(caught.value).status == 404
 
 
 def test_post_options_takes_this_model_and_the_options_sent_back_unchanged():
     """Open WebUI reads GET options, changes sd_model_checkpoint and posts the whole object back."""
     options = answer("options")
     call = read("options", {**options, "sd_model_checkpoint": "tiny-sd"})
-    assert json.loads(DOOR.respond(call, call.work()).body) is None
+    assert json.loads(PROTOCOL.respond(call, call.requests()).body) is None
     assert refused("options", {"sd_model_checkpoint": "sdxl"}).field == "sd_model_checkpoint"
     assert refused("options", {"samples_format": "jpg"}).field == "samples_format"
 
@@ -181,7 +183,7 @@ def test_a_result_is_images_parameters_and_an_info_string_with_infotexts():
     call = read(body={"prompt": "a fox", "seed": 3, "batch_size": 2, "sampler_name": "Euler a", **SMALL})
     generation = call.request.generation
     images = np.zeros((2, 64, 64, 3), np.uint8)
-    reply = DOOR.respond(call, [GenerationResult(generation, images, scheduler="euler_a", model="tiny-sd")])
+    reply = PROTOCOL.respond(call, [GenerationResult(generation, images, scheduler="euler_a", model="tiny-sd")])
     document = json.loads(reply.body)
     assert reply.status == 200 and reply.headers["X-Seeds"] == "3,4"
     assert len(document["images"]) == 2 and document["parameters"]["seed"] == 3
@@ -193,7 +195,7 @@ def test_a_result_is_images_parameters_and_an_info_string_with_infotexts():
     picture = Image.open(io.BytesIO(base64.b64decode(document["images"][1])))
     assert picture.text["parameters"] == info["infotexts"][1]
     quiet = read(body={"prompt": "a fox", "send_images": False, **SMALL})
-    assert json.loads(DOOR.respond(quiet, [GenerationResult(quiet.request.generation, images[:1],
+    assert json.loads(PROTOCOL.respond(quiet, [GenerationResult(quiet.request.generation, images[:1],
                                                             scheduler="pndm")]).body)["images"] == []
 
 

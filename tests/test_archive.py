@@ -1,4 +1,4 @@
-"""The .mar ships serving code only: the handler package, its entry file, the config and the pipeline.
+"""The .mar ships serving code only: the handler package, its entry file, the config and the pipeline (stored).
 
 The build side (builder/), the client (sdclient/), the test harness (harness/) and the tests stay in the
 repository; nothing in handler/ may need them, or find its way back to the repository at run time.
@@ -44,10 +44,22 @@ def handler_sources() -> list[str]:
 
 def test_the_archive_holds_only_the_serving_files(shipped, manifest):
     entry = manifest["model"]["handler"]
-    expected = sorted({"MAR-INF/MANIFEST.json", "model-config.yaml", "pipeline.zip", entry, *handler_sources()})
+    pipeline = [name for name in shipped if name.startswith("pipeline/")]
+    assert "pipeline/model_index.json" in pipeline and "pipeline/unet/diffusion_pytorch_model.safetensors" in pipeline
+    expected = sorted({"MAR-INF/MANIFEST.json", "model-config.yaml", entry, *handler_sources(), *pipeline})
     assert shipped == expected, (f"shipped:{listing(shipped)}\nexpected:{listing(expected)}\n"
                                  f"unexpected:{listing(sorted(set(shipped) - set(expected)))}\n"
                                  f"missing:{listing(sorted(set(expected) - set(shipped)))}")
+
+
+def test_the_pipeline_is_stored_uncompressed_and_world_readable(tiny_mar):
+    """Stored entries make TorchServe's extraction a plain copy, and the handler loads them where they land."""
+    with zipfile.ZipFile(tiny_mar) as archive:
+        entries = [entry for entry in archive.infolist() if entry.filename.startswith("pipeline/")]
+    assert entries
+    for entry in entries:
+        assert entry.compress_type == zipfile.ZIP_STORED, entry.filename
+        assert (entry.external_attr >> 16) & 0o777 == 0o644, entry.filename
 
 
 def test_nothing_but_python_sources_under_handler(shipped):

@@ -157,18 +157,23 @@ def test_a_translator_folder_without_config_is_refused_before_any_work(tmp_path)
     assert not (tmp_path / "work").exists()
 
 
-def test_a_translator_packs_one_set_of_pytorch_weights(tmp_path):
+def test_a_translator_packs_its_safetensors_weights_never_a_pickle(tmp_path):
     from builder.build_mar import translator_files
+    from handler.model.weight_files import WeightFileError
+    from safetensors.torch import save_file
+    import torch
 
     folder = tmp_path / "opus-mt"
     folder.mkdir()
-    for name in ("config.json", "vocab.json", "source.spm", "target.spm", "model.safetensors", "pytorch_model.bin",
+    for name in ("config.json", "vocab.json", "source.spm", "target.spm", "pytorch_model.bin",
                  "tf_model.h5", "rust_model.ot", ".gitattributes"):
         (folder / name).write_bytes(b"x")
+    save_file({"weight": torch.zeros(2)}, folder / "model.safetensors")
     assert sorted(path.name for path in translator_files(folder)) == [
         "config.json", "model.safetensors", "source.spm", "target.spm", "vocab.json"]
     (folder / "model.safetensors").unlink()
-    assert "pytorch_model.bin" in [path.name for path in translator_files(folder)]
+    with pytest.raises(WeightFileError, match="arbitrary code"):
+        translator_files(folder)
     (folder / "pytorch_model.bin").unlink()
-    with pytest.raises(SystemExit, match="holds no PyTorch weights"):
+    with pytest.raises(SystemExit, match="holds no model.safetensors"):
         translator_files(folder)

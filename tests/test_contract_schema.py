@@ -1,7 +1,7 @@
 """The JSON Schema a model serves and the parser that model runs agree, for every family.
 
 Bodies are generated from each family's ``Contract.json_schema()`` by hypothesis-jsonschema and sent through
-the native door (``wire.read_request``) as JSON bytes. Every schema-valid body must parse, or be refused only
+the native protocol (``read_native``) as JSON bytes. Every schema-valid body must parse, or be refused only
 by one of the documented cross-field rules (``CROSS_FIELD_RULES``, which a JSON Schema cannot state). The
 converse holds on a sample: a body the parser accepts validates against the schema.
 
@@ -26,14 +26,14 @@ import pytest
 from hypothesis import HealthCheck, assume, event, given, settings, strategies as st
 from hypothesis_jsonschema import from_schema
 
-from handler import wire
 from handler.core.capabilities import TASKS
 from handler.core.contract import CROSS_FIELD_RULES, ClientRequest, Contract
 from handler.core.failures import INVALID_FIELD, Rejection
 from handler.core.schedulers import DISCRETE, scheduler_names
+from handler.protocols.http import status_of
 from helpers import (
     batches_in, capabilities_of_family, error_of, family_contracts, log_offset, log_since, management, png_base64,
-    predict, shipped_settings, solid, SMALL,
+    predict, read_native, shipped_settings, solid, SMALL,
 )
 
 CONTRACTS = family_contracts()
@@ -86,9 +86,9 @@ def with_real_images(body: dict) -> dict:
 
 
 def read_json(contract: Contract, body: dict):
-    """The door's outcome for ``body`` sent as application/json: a ClientRequest or the Rejection."""
+    """The native protocol's outcome for ``body`` sent as application/json: a ClientRequest or the Rejection."""
     try:
-        return wire.read_request(contract, {"body": json.dumps(body).encode()}, {"Content-Type": "application/json"})
+        return read_native(contract, {"body": json.dumps(body).encode()}, {"Content-Type": "application/json"})
     except Rejection as rejection:
         return rejection
 
@@ -133,7 +133,7 @@ def test_every_schema_valid_body_parses_or_breaks_only_a_cross_field_rule(contra
             return
         event(f"refused by the {outcome.field} rule")
         assert outcome.reason == INVALID_FIELD and outcome.field in CROSS_FIELD_RULES, outcome
-        assert wire.status_of(outcome) == 400
+        assert status_of(outcome) == 400
 
     property()
 

@@ -9,7 +9,7 @@ import yaml
 from conftest import REPO_ROOT
 from handler.core.failures import REASONS
 from handler.core.settings import HandlerSettings
-from handler.wire import STATUS_OF_REASON
+from handler.protocols.http import STATUS_OF_REASON
 
 README = (REPO_ROOT / "README.md").read_text()
 DOCS = REPO_ROOT / "docs"

@@ -17,7 +17,7 @@ import torch
 from torch._dynamo import register_backend
 
 from conftest import REPO_ROOT
-from handler import wire
+from handler.protocols.http import status_of
 from handler.core.contract import GenerationRequest
 from handler.core.failures import INVALID_FIELD, OUT_OF_MEMORY
 from handler.core.generation import GenerationEngine
@@ -145,7 +145,7 @@ def test_cudnn_and_cublas_allocation_failures_answer_507(tiny_pipeline, message)
         outcome = generate(engine, request())[0]
     finally:
         tiny_pipeline.unet.forward = unet_forward
-    assert outcome.reason == OUT_OF_MEMORY and wire.status_of(outcome) == 507
+    assert outcome.reason == OUT_OF_MEMORY and status_of(outcome) == 507
 
 
 # --- 5: attention slicing where there is none ------------------------------------------------------------------

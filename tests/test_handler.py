@@ -39,12 +39,12 @@ def served_handler(handler_factory):
     return handler_factory({"max_batch_pixels": 4 * 768 * 768})
 
 
-def test_initialize_loads_the_pipeline_unpacked_from_the_zip(served_handler):
+def test_initialize_loads_the_pipeline_in_place_without_copying_it(served_handler):
     handler, context = served_handler
-    unpacked = Path(context.system_properties["model_dir"]) / "unpacked_pipeline"
+    model_dir = Path(context.system_properties["model_dir"])
     assert handler.initialized
-    assert (unpacked / "model_index.json").is_file()
-    assert Path(str(handler.engine.pipeline.config._name_or_path)) == unpacked
+    assert Path(str(handler.engine.pipeline.config._name_or_path)) == model_dir / "pipeline"
+    assert sorted(path.name for path in model_dir.iterdir()) == ["pipeline"]
 
 
 def test_a_bad_request_fails_alone_in_its_batch(served_handler):

@@ -1,4 +1,4 @@
-"""KServe's doors in-process: which requests they take, OIP and v1 bodies -> the contract, answers and errors.
+"""KServe's protocols in-process: which requests they take, OIP and v1 bodies -> the contract, answers and errors.
 
 The requests are built as TorchServe hands them over (the client's bytes, its headers; the native route's
 empty ``url_path``, which KServe's routes lack); the served tiny pipeline answers them through handle().
@@ -14,12 +14,13 @@ import pytest
 from PIL import Image
 
 from conftest import set_requests
-from handler import kserve_api
+from handler.protocols import kserve as kserve_api
+from handler.protocols.http import HttpRequest, ServedModel
 from handler.core.contract import Contract
 from handler.core.failures import Rejection
 from handler.core.settings import HandlerSettings
 
-DOOR = kserve_api.KServeDoor(Contract(HandlerSettings()), "stable_diffusion", "1.0")
+DOOR = kserve_api.KServeProtocol(Contract(HandlerSettings()), ServedModel("stable_diffusion", "1.0"))
 SMALL = {"num_inference_steps": 2, "width": 64, "height": 64}
 NATIVE = {"Content-Type": "application/json", "url_path": ""}  # what /predictions/{model} sends
 
@@ -44,8 +45,10 @@ def binary_row(prompt: str, seed: int, parameters=None):
     return {"body": header + b"".join(raw)}, {"Inference-Header-Content-Length": str(len(header))}
 
 
-def read(row_and_headers):
-    return DOOR.read(*row_and_headers)
+def read(row_and_headers, door=DOOR):
+    """The KServe call of a request that routing sends to KServe; None for one it sends elsewhere."""
+    request = HttpRequest(*row_and_headers)
+    return door.read_call(request) if kserve_api.is_kserve(request) else None
 
 
 def failure_of(row_and_headers) -> Rejection:
@@ -64,7 +67,7 @@ def decode_binary(body: bytes, header_length: int) -> tuple[dict, dict]:
     return document, raw
 
 
-# --- Which door ------------------------------------------------------------------------------------------------
+# --- Which protocol --------------------------------------------------------------------------------------------
 
 def test_only_kserve_bodies_without_url_path_come_through_these_doors():
     body = json.dumps({"inputs": [tensor("prompt", "BYTES", "a cat")]}).encode()
@@ -84,7 +87,7 @@ def test_inputs_and_parameters_become_the_contracts_fields():
                         tensor("guidance_scale", "FP32", 3)],
                        {"num_inference_steps": 2, "width": 64, "height": 64, "output_format": "png"}, id="req-1"))
     assert call.failure is None and call.request_id == "req-1" and call.formats == ("png",)
-    generation = call.requests[0].generation
+    generation = call.parsed[0].generation
     assert (generation.prompt, generation.seeds, generation.guidance_scale) == ("a cat", (7,), 3.0)
     assert (generation.num_inference_steps, generation.width) == (2, 64)
     assert call.outputs == {"image": False, "seeds": False}
@@ -92,8 +95,8 @@ def test_inputs_and_parameters_become_the_contracts_fields():
 
 def test_binary_inputs_are_read_and_binary_outputs_asked_for():
     call = read(binary_row("a red fox", 2**40 + 3))
-    assert call.failure is None and call.requests[0].generation.prompt == "a red fox"
-    assert call.requests[0].generation.seeds == (2**40 + 3,) and call.outputs == {"image": True, "seeds": True}
+    assert call.failure is None and call.parsed[0].generation.prompt == "a red fox"
+    assert call.parsed[0].generation.seeds == (2**40 + 3,) and call.outputs == {"image": True, "seeds": True}
 
 
 @pytest.mark.parametrize("row, field, words", [
@@ -125,7 +128,7 @@ def test_v1_instances_are_parsed_one_by_one_and_errors_say_which():
                                                     {"prompt": "b", "output_format": "jpeg", **SMALL}]}).encode()},
                  {}))
     assert call.failure is None and call.formats == ("png", "jpeg")
-    assert [request.generation.prompt for request in call.requests] == ["a", "b"]
+    assert [request.generation.prompt for request in call.parsed] == ["a", "b"]
     failure = failure_of(({"body": json.dumps({"instances": [{"prompt": "a"}, {"prompt": "b", "seed": -1}]})
                           .encode()}, {}))
     assert failure.field == "instances[1].seed" and failure.message.startswith("instances[1]: seed")
@@ -200,13 +203,13 @@ def test_png_output_is_bytes_of_base64_files(served_handler):
 def test_loras_come_as_json_text_in_a_bytes_input_or_a_parameter():
     from handler.core.capabilities import ModelCapabilities
 
-    door = kserve_api.KServeDoor(Contract(HandlerSettings(), ModelCapabilities(loras=("ink", "pastel"))),
-                                 "stable_diffusion", "1.0")
+    door = kserve_api.KServeProtocol(Contract(HandlerSettings(), ModelCapabilities(loras=("ink", "pastel"))),
+                                     ServedModel("stable_diffusion", "1.0"))
     chosen = '[{"name": "pastel", "scale": 0.5}, {"name": "ink"}]'
-    as_input = door.read(*v2_row([tensor("prompt", "BYTES", "a"), tensor("loras", "BYTES", chosen)]))
-    as_parameter = door.read(*v2_row([tensor("prompt", "BYTES", "a")], {"loras": chosen}))
-    assert as_input.requests[0].generation.loras == as_parameter.requests[0].generation.loras == (
+    as_input = read(v2_row([tensor("prompt", "BYTES", "a"), tensor("loras", "BYTES", chosen)]), door)
+    as_parameter = read(v2_row([tensor("prompt", "BYTES", "a")], {"loras": chosen}), door)
+    assert as_input.parsed[0].generation.loras == as_parameter.parsed[0].generation.loras == (
         ("ink", 1.0), ("pastel", 0.5))
-    unknown = door.read(*v2_row([tensor("prompt", "BYTES", "a")], {"loras": '[{"name": "oil"}]'})).failure
+    unknown = read(v2_row([tensor("prompt", "BYTES", "a")], {"loras": '[{"name": "oil"}]'}), door).failure
     assert unknown.field == "loras" and "oil" in unknown.message
-    assert door.read(*v2_row([tensor("prompt", "BYTES", "a")], {"loras": "[oops"})).failure.field == "loras"
+    assert read(v2_row([tensor("prompt", "BYTES", "a")], {"loras": "[oops"}), door).failure.field == "loras"

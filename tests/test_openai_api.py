@@ -1,6 +1,6 @@
-"""The OpenAI door in-process: url_path routing, OpenAI bodies -> the contract, answers and errors in OpenAI's shape.
+"""The OpenAI protocol in-process: url_path routing, OpenAI bodies -> the contract, answers and errors in OpenAI's shape.
 
-The door's own rules are few (names, response_format, output_format, size's spelling, stream, background, the
+The protocol's own rules are few (names, response_format, output_format, size's spelling, stream, background, the
 mask's meaning); every range and message of a contract field must come from the contract, with the field
 named back as the client named it.
 """
@@ -14,14 +14,15 @@ import pytest
 from PIL import Image
 
 from conftest import REPO_ROOT, set_requests
-from handler import openai_api, wire
+from handler.protocols import http, openai as openai_api
+from handler.protocols.http import HttpRequest, ServedModel
 from handler.core.contract import Contract
 from handler.core.failures import REASONS, Rejection
 from handler.core.generation import GenerationResult
 from handler.core.settings import HandlerSettings
 
 CONTRACT = Contract(HandlerSettings())
-DOOR = openai_api.OpenAIDoor(CONTRACT, "stable_diffusion", 1_700_000_000)
+DOOR = openai_api.OpenAIProtocol(CONTRACT, ServedModel("stable_diffusion", created=1_700_000_000))
 SMALL = {"num_inference_steps": 2}
 
 
@@ -31,13 +32,18 @@ def json_row(**fields):
 
 def read(route=openai_api.GENERATIONS, **fields):
     row, headers = json_row(**fields)
-    return DOOR.read(route, row, {**headers, "url_path": route})
+    return DOOR.read(HttpRequest(row, {**headers, "url_path": route}))
 
 
 def form_read(route=openai_api.EDITS, **fields):
     """A multipart form as TorchServe hands it over with input decoding off: every value as bytes."""
     row = {key: value if isinstance(value, bytes) else str(value).encode() for key, value in fields.items()}
-    return DOOR.read(route, row, {"Content-Type": "multipart/form-data; boundary=x", "url_path": route})
+    return DOOR.read(HttpRequest(row, {"Content-Type": "multipart/form-data; boundary=x", "url_path": route}))
+
+
+def read_at(route, row, headers):
+    """What the protocol reads from a row sent to ``route`` (its url_path)."""
+    return DOOR.read(HttpRequest(row, {**headers, "url_path": route}))
 
 
 def refused(call, *args, **kwargs) -> Rejection:
@@ -68,17 +74,17 @@ def openai_mask(width=64, height=64, hole=(16, 48)) -> np.ndarray:
 ])
 def test_only_url_paths_under_v1_come_through_this_door(url_path, route):
     headers = {} if url_path is None else {"url_path": url_path}
-    assert openai_api.route_of(headers) == route
+    assert openai_api.route_of(HttpRequest({}, headers)) == route
 
 
 def test_models_lists_the_one_served_model_in_openais_shape():
-    call = DOOR.read(openai_api.MODELS, {"body": b""}, {"url_path": "v1/models"})
-    reply = DOOR.respond(call, call.work())
+    call = read_at(openai_api.MODELS, {"body": b""}, {})
+    reply = DOOR.respond(call, [])
     assert reply.status == 200 and reply.content_type == "application/json"
     assert json.loads(reply.body) == {"object": "list", "data": [
         {"id": "stable_diffusion", "object": "model", "created": 1_700_000_000, "owned_by": "torchserve"}]}
-    one = DOOR.read("v1/models/stable_diffusion", {"body": b""}, {})
-    assert json.loads(DOOR.respond(one, one.work()).body)["id"] == "stable_diffusion"
+    one = read_at("v1/models/stable_diffusion", {"body": b""}, {})
+    assert json.loads(DOOR.respond(one, []).body)["id"] == "stable_diffusion"
 
 
 @pytest.mark.parametrize("route, status, code", [
@@ -86,7 +92,7 @@ def test_models_lists_the_one_served_model_in_openais_shape():
     ("v1/chat/completions", 404, "unknown_url"),
 ])
 def test_other_routes_are_404s_in_openais_shape(route, status, code):
-    rejection = refused(DOOR.read, route, {"body": b"{}"}, {"Content-Type": "application/json"})
+    rejection = refused(read_at, route, {"body": b"{}"}, {"Content-Type": "application/json"})
     reply = openai_api.error_reply(rejection)
     error = json.loads(reply.body)["error"]
     assert reply.status == status and error["code"] == code and error["type"] == "invalid_request_error"
@@ -95,7 +101,7 @@ def test_other_routes_are_404s_in_openais_shape(route, status, code):
 
 def test_explanations_are_not_offered_here_either():
     row, headers = json_row(prompt="a cat")
-    rejection = refused(DOOR.read, openai_api.GENERATIONS, row, {**headers, "explain": "True"})
+    rejection = refused(read_at, openai_api.GENERATIONS, row, {**headers, "explain": "True"})
     assert openai_api.error_reply(rejection).status == 501
 
 
@@ -178,10 +184,10 @@ def test_a_missing_or_empty_prompt_is_the_contracts_400():
 
 
 def test_bodies_that_are_not_json_objects_are_refused_in_openais_shape():
-    rejection = refused(DOOR.read, openai_api.GENERATIONS, {"body": b"{not json"}, {"Content-Type": "application/json"})
+    rejection = refused(read_at, openai_api.GENERATIONS, {"body": b"{not json"}, {"Content-Type": "application/json"})
     reply = openai_api.error_reply(rejection)
     assert reply.status == 400 and json.loads(reply.body)["error"]["code"] == "invalid_json"
-    duplicate = refused(DOOR.read, openai_api.GENERATIONS, {"body": b'{"prompt": "a", "prompt": "b"}'},
+    duplicate = refused(read_at, openai_api.GENERATIONS, {"body": b'{"prompt": "a", "prompt": "b"}'},
                         {"Content-Type": "application/json"})
     assert duplicate.reason == "invalid_body"
 
@@ -244,12 +250,13 @@ def test_a_model_without_inpainting_says_so_for_the_mask():
     from helpers import capabilities_of_family
     from handler.core.capabilities import IMAGE_TO_IMAGE, TEXT_TO_IMAGE
 
-    door = openai_api.OpenAIDoor(Contract(HandlerSettings(), capabilities_of_family("sd1", (TEXT_TO_IMAGE,
-                                                                                            IMAGE_TO_IMAGE))),
-                                 "stable_diffusion", 0)
+    door = openai_api.OpenAIProtocol(Contract(HandlerSettings(), capabilities_of_family("sd1", (TEXT_TO_IMAGE,
+                                                                                                IMAGE_TO_IMAGE))),
+                                     ServedModel("stable_diffusion"))
     image = png(np.zeros((64, 64, 3), dtype=np.uint8))
     row = {"prompt": b"a cat", "image": image, "mask": png(openai_mask())}
-    rejection = refused(door.read, openai_api.EDITS, row, {"Content-Type": "multipart/form-data"})
+    rejection = refused(door.read, HttpRequest(row, {"Content-Type": "multipart/form-data",
+                                                     "url_path": openai_api.EDITS}))
     assert rejection.reason == "unsupported_task" and rejection.field == "mask"
 
 
@@ -258,7 +265,7 @@ def test_a_model_without_inpainting_says_so_for_the_mask():
 def test_a_result_is_an_images_response_with_the_seeds_header():
     call = read(prompt="a red fox", n=2, size="128x64", seed=11, output_format="jpeg")
     images = np.stack([np.full((64, 128, 3), value, dtype=np.uint8) for value in (10, 240)])
-    reply = DOOR.respond(call, GenerationResult(call.request.generation, images, {"pipeline": 1.0}))
+    reply = DOOR.respond(call, [GenerationResult(call.request.generation, images, {"pipeline": 1.0})])
     assert reply.status == 200 and reply.headers == {"X-Seeds": "11,12"}
     document = json.loads(reply.body)
     assert set(document) == {"created", "data", "background", "output_format", "size"}
@@ -274,7 +281,7 @@ def test_every_failure_kind_has_an_openai_error_with_the_native_status(reason):
     reply = openai_api.error_reply(Rejection(reason, "what went wrong", "seed"))
     error = json.loads(reply.body)["error"]
     assert set(error) == {"message", "type", "param", "code"}
-    assert reply.status == wire.STATUS_OF_REASON[reason] and error["code"] == reason
+    assert reply.status == http.STATUS_OF_REASON[reason] and error["code"] == reason
     assert error["type"] == ("invalid_request_error" if reply.status < 500 else "server_error")
     # The SDK retries 5xx by itself; a deadline or a bug would only fail again.
     assert reply.headers.get("x-should-retry") == (None if reply.status < 500 or reason == "out_of_memory"
@@ -283,7 +290,7 @@ def test_every_failure_kind_has_an_openai_error_with_the_native_status(reason):
 
 def test_a_generation_failure_is_answered_in_openais_shape():
     call = read(prompt="a cat", n=2)
-    reply = DOOR.respond(call, Rejection("timeout", "ran past timeout_seconds", "timeout_seconds"))
+    reply = DOOR.respond(call, [Rejection("timeout", "ran past timeout_seconds", "timeout_seconds")])
     assert reply.status == 504 and json.loads(reply.body)["error"]["param"] == "timeout_seconds"
 
 

@@ -76,3 +76,17 @@ def test_channels_last_applies_to_transformer_families(tmp_path):
     pipeline = load_pipeline(tmp_path / "sd3", CPU, HandlerSettings(channels_last=True))
     assert pipeline.transformer.pos_embed.proj.weight.is_contiguous(memory_format=torch.channels_last)
     assert generate(pipeline).shape == (2, 64, 64, 3)
+
+
+def test_warm_up_shapes_follow_the_device_and_compilation():
+    """On a CPU without compilation one 64x64 step warms a worker (eager kernels set up once, whatever the
+    shape); a compiled or CUDA worker warms at the size requests will use, and the operator's list wins."""
+    from handler.model.optimizations import warmup_buckets
+
+    default = HandlerSettings()
+    assert warmup_buckets(default, "cpu") == [(64, 64, 1)]
+    assert warmup_buckets(default, "cuda:0") == [(default.default_width, default.default_height, 1)]
+    compiled = HandlerSettings.from_mapping({"torch_compile": True})
+    assert warmup_buckets(compiled, "cpu") == [(default.default_width, default.default_height, 1)]
+    listed = HandlerSettings.from_mapping({"compile_warmup_sizes": ["512x512x2"]})
+    assert warmup_buckets(listed, "cpu") == [(512, 512, 2)]

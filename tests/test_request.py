@@ -13,7 +13,9 @@ from PIL import Image
 
 from handler.core.contract import ClientRequest, Contract, GenerationRequest
 from handler.core.failures import Rejection
-from handler.wire import error_body, read_request, status_of
+from handler.protocols.http import status_of
+from handler.protocols.native import error_body
+from helpers import read_native as read_request
 from handler.core.capabilities import ModelCapabilities
 from handler.core.schedulers import DISCRETE, FLOW_MATCHING, scheduler_names
 from handler.core.settings import HandlerSettings, SettingsError

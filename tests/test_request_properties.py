@@ -1,7 +1,7 @@
-"""Any body, any JSON, any form, any headers, for every model family: the native door and the contract give a
+"""Any body, any JSON, any form, any headers, for every model family: the native protocol and the contract give a
 valid typed request or a Rejection that is a 4xx with a short message.
 
-Nothing else may escape ``wire.read_request``: the handler turns any other exception into a 500 for that
+Nothing else may escape the native protocol's ``read``: the handler turns any other exception into a 500 for that
 request, so an escape here is a parser bug. Each family's contract is built from builder/families.py's facts
 (size multiple, schedulers, negative prompts) and the default settings, with all three tasks; one more contract
 offers text-to-image only, as a pipeline without image-to-image would.
@@ -19,7 +19,6 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, settings, strategies as st
 from PIL import Image
 
-from handler import wire
 from handler.core.contract import (
     FIELD_NAMES, MAX_SEED, Boolean, Choice, ClientRequest, Contract, Integer, Number, Text,
 )
@@ -27,7 +26,9 @@ from handler.core.encoding import OUTPUT_FORMATS, SINGLE_IMAGE_FORMATS
 from handler.core.failures import Rejection
 from handler.core.schedulers import SCHEDULERS  # every name, valid or not for a family
 from handler.core.settings import HandlerSettings
-from helpers import family_contracts, png_bytes, solid
+from handler.protocols.http import status_of
+from handler.protocols.native import error_body
+from helpers import family_contracts, png_bytes, read_native, solid
 
 CONTRACTS = family_contracts(HandlerSettings())
 every_contract = pytest.mark.parametrize("contract", list(CONTRACTS.values()), ids=list(CONTRACTS))
@@ -212,7 +213,7 @@ def declaring(request_headers: dict, content_type: str) -> dict:
 def check(contract: Contract, row: dict, request_headers: dict) -> None:
     """Read one row as the handler does; a result must be a usable request, a rejection a short 4xx."""
     try:
-        result = wire.read_request(contract, row, request_headers)
+        result = read_native(contract, row, request_headers)
     except Rejection as rejection:
         check_rejection(rejection)
         return
@@ -220,13 +221,13 @@ def check(contract: Contract, row: dict, request_headers: dict) -> None:
 
 
 def check_rejection(rejection: Rejection) -> None:
-    status = wire.status_of(rejection)
+    status = status_of(rejection)
     event(f"{status} {rejection.reason}")
     assert 400 <= status < 500, rejection
     assert isinstance(rejection.message, str) and rejection.message.strip()
     assert len(rejection.message) < MAX_MESSAGE, rejection.message[:200]
     assert rejection.field is None or (isinstance(rejection.field, str) and len(rejection.field) <= 100)
-    error = json.loads(wire.error_body(rejection))["error"]
+    error = json.loads(error_body(rejection))["error"]
     assert error["code"] == status and error["reason"] == rejection.reason
 
 

@@ -153,6 +153,21 @@ def test_image_to_image_and_inpainting_through_the_server(torchserve):
     assert refused.status_code == 413 and "pixels" in error_of(refused)["message"]
 
 
+def test_inpainting_and_outpainting_keep_the_sent_pixels_outside_the_mask(torchserve):
+    source = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[:, 32:] = 255
+    inpainted = npy(predict(torchserve, {"prompt": "a cat", "image": png_base64(source), "mask_image": png_base64(mask),
+                                         "num_inference_steps": 2, "seed": 1, "output_format": "npy"}))
+    assert np.array_equal(inpainted[:, :32], source[:, :32])
+    assert not np.array_equal(inpainted[:, 32:], source[:, 32:])
+    outpainted = npy(predict(torchserve, {"prompt": "a cat", "image": png_base64(source),
+                                          "outpaint": {"left": 8, "right": 8, "top": 8}, "num_inference_steps": 2,
+                                          "seed": 1, "output_format": "npy"}))
+    assert outpainted.shape == (72, 80, 3)
+    assert np.array_equal(outpainted[8:, 8:72], source)
+
+
 def test_custom_metrics_reach_prometheus(torchserve):
     assert predict(torchserve, {"prompt": "a cat", **SMALL}).status_code == 200
     assert predict(torchserve, {"prompt": "a cat", "width": 65}).status_code == 400

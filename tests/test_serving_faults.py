@@ -5,7 +5,10 @@ import json
 import os
 import signal
 import threading
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
+
+from pathlib import Path
 
 import pytest
 import requests
@@ -48,10 +51,18 @@ def post(server, data: bytes, content_type: str = "application/json", timeout: f
     return predict(server, data=data, headers={"Content-Type": content_type}, timeout=timeout)
 
 
-def test_two_workers_starting_together_unpack_the_zip_once(started_two_workers):
-    _, startup_log = started_two_workers
-    assert startup_log.count("unpacked pipeline.zip into") == 1
-    assert startup_log.count("unpacked by another worker") == 1
+def weight_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*.safetensors") if path.is_file())
+
+
+def test_two_workers_starting_together_share_one_copy_of_the_weights(started_two_workers, faults_mar):
+    """TorchServe extracts the .mar once into the shared model directory and both workers load the pipeline
+    where it lies: the server's temporary folder holds exactly the archive's weights, once."""
+    server, _ = started_two_workers
+    with zipfile.ZipFile(faults_mar) as archive:
+        archived = sum(entry.file_size for entry in archive.infolist() if entry.filename.endswith(".safetensors"))
+    assert archived > 0
+    assert weight_bytes(server.folder / "tmp") == archived
 
 
 def malformed_bodies() -> list[tuple[bytes, str]]:

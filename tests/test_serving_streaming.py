@@ -125,13 +125,31 @@ def test_streaming_metrics_reach_prometheus(server):
     stream_lines(server, {"prompt": "a cat", "stream": True, **STEPS})
     predict(server, {"prompt": "a cat", "num_inference_steps": 150, "width": 768, "height": 768,
                      "timeout_seconds": 1})
+    assert metric_value(server, "TimeToFirstProgressSeconds_count") >= 1
+    assert metric_value(server, "DeadlineStoppedRequests") >= 1
+
+
+def metric_value(server, name: str) -> float:
+    """The sum of a metric's series on /metrics now."""
     text = requests.get(f"{server.metrics_url}/metrics", timeout=30).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
-    def value(name):
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
-    assert value("TimeToFirstProgressSeconds_count") >= 1
-    assert value("DeadlineStoppedRequests") >= 1
+def test_a_dropped_stream_generates_on_until_its_timeout_seconds_stops_it(server):
+    # No sign of the client's disconnect reaches the worker (README): timeout_seconds is the client's tool.
+    stopped_before = metric_value(server, "DeadlineStoppedRequests")
+    # The first step takes a few seconds at most, the whole generation minutes: the client drops it mid-way.
+    body = {"prompt": "a slow cat", "num_inference_steps": 150, "width": 256, "height": 256, "timeout_seconds": 15,
+            "stream": True}
+    with requests.post(f"{server.inference_url}/predictions/{MODEL}", json=body, headers=server.inference_headers(),
+                       stream=True, timeout=300) as response:
+        assert json.loads(next(line for line in response.iter_lines() if line))["event"] == "progress"
+    after = predict(server, {"prompt": "a quick cat", "num_inference_steps": 2, "width": 64, "height": 64})
+    assert after.status_code == 200
+    deadline = time.monotonic() + 60
+    while metric_value(server, "DeadlineStoppedRequests") == stopped_before:  # the frontend reads metrics lines
+        assert time.monotonic() < deadline, "the dropped stream was not stopped by its timeout_seconds"
+        time.sleep(0.5)
 
 
 def test_the_client_shows_progress_and_saves_previews(server, tmp_path, capsys):

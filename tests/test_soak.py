@@ -1,4 +1,4 @@
-"""The soak benchmark's short mode: 8 clients for 30 s against a real TorchServe (README, Reliability)."""
+"""The soak benchmark's short mode: 8 clients for 30 s against a real TorchServe (docs/operations.md, Reliability)."""
 
 import pytest
 

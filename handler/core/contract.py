@@ -9,7 +9,7 @@ means. ``Contract`` binds those declarations to one loaded model and derives fro
 - ``json_schema``: the JSON Schema (draft 2020-12) of the bodies this model accepts;
 - ``field_table``: the docs' API table (scripts/gen_docs_tables.py writes it into docs/api.md).
 
-Nothing here knows HTTP or TorchServe: a door (``handler/wire.py``) turns its body into a mapping of fields.
+Nothing here knows HTTP or TorchServe: a protocol (``handler/protocols/``) turns its body into a mapping of fields.
 """
 
 import json
@@ -26,13 +26,12 @@ from handler.core.controlnets import (
     ControlCondition, canny_edges,
 )
 from handler.core.encoding import OUTPUT_FORMATS, SINGLE_IMAGE_FORMATS
-from handler.core.failures import MAX_SHOWN, Rejection, MISSING_PROMPT, UNKNOWN_FIELD, UNSUPPORTED_TASK, invalid, shown
+from handler.core.failures import MISSING_PROMPT, UNSUPPORTED_TASK, Rejection, invalid, shown, unknown_names
 from handler.core.images import decode_image
 from handler.core.outpaint import SIDES, Margins, extend_canvas
 from handler.core.settings import HandlerSettings, SettingsError
 
 MAX_SEED = 2**63 - 1  # torch.Generator seeds are 64-bit; JSON clients keep them as signed integers
-MAX_UNKNOWN_SHOWN = 5
 LORA_SCALE_MIN, LORA_SCALE_MAX, LORA_SCALE_DEFAULT = -2.0, 2.0, 1.0  # negative scales steer away ("sliders")
 STREAM_DEFAULT_FORMAT = "png"
 
@@ -538,7 +537,7 @@ class Contract:
             if name in body and body[name] is None:  # a proxy or client reading null as a value would disagree
                 raise invalid(name, f"{name} is null; leave the field out to get its default "
                               f"({self.fields[name].default})")
-        given = {name: body[name] for name in self.fields if _given(body.get(name), from_form)}
+        given = {name: body[name] for name in self.fields if is_given(body.get(name), from_form)}
         values = {name: self.fields[name].type.read(name, value, from_form) for name, value in given.items()}
         if "prompt" not in given:
             raise invalid("prompt", "prompt is required: a non-empty string", reason=MISSING_PROMPT)
@@ -602,10 +601,7 @@ class Contract:
     def _check_names(self, body: Mapping[str, Any]) -> None:
         unknown = [name for name in body if name not in self.declared]
         if unknown:
-            listed = ", ".join(shown(name) for name in unknown[:MAX_UNKNOWN_SHOWN])
-            more = f" and {len(unknown) - MAX_UNKNOWN_SHOWN} more" if len(unknown) > MAX_UNKNOWN_SHOWN else ""
-            raise invalid(unknown[0][:MAX_SHOWN], f"unknown field(s) {listed}{more}; known fields: {list(self.fields)}",
-                          reason=UNKNOWN_FIELD)
+            raise unknown_names(unknown, "field", f"; known fields: {list(self.fields)}")
         for name, spec in self.declared.items():
             if name not in self.fields and name in body:
                 what = f"the {spec.task} task" if spec.task else CAPABILITY_NEEDS[spec.capability]
@@ -740,7 +736,7 @@ class Contract:
         return rows
 
 
-def _given(value, from_form: bool) -> bool:
+def is_given(value, from_form: bool) -> bool:
     """Whether a field was given: present, and in a form not empty (an empty form value means left out)."""
     if value is None:
         return False

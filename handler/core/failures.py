@@ -2,8 +2,8 @@
 
 A ``Rejection`` is an outcome like an image: the core returns it for one request and the rest of the batch
 goes on. It says *what kind* of failure happened and which field is at fault; which HTTP status a kind
-becomes is the door's business (``handler/wire.py`` for TorchServe's native API), so the core can serve any
-door.
+becomes is the protocols' business (``handler/protocols/http.py``, once for all), so the core can serve any
+protocol.
 """
 
 from dataclasses import dataclass
@@ -29,6 +29,7 @@ REASONS = (INVALID_FIELD, UNKNOWN_FIELD, MISSING_PROMPT, INVALID_BODY, INVALID_J
            UNSUPPORTED_TASK, UNSUPPORTED_MEDIA_TYPE, NOT_ACCEPTABLE, NOT_IMPLEMENTED, OUT_OF_MEMORY, TIMEOUT,
            INTERNAL_ERROR)
 MAX_SHOWN = 80
+MAX_UNKNOWN_SHOWN = 5  # an unknown-field message names this many, then counts the rest
 
 
 @dataclass  # not frozen: raising sets __traceback__ and __cause__ on the instance
@@ -55,3 +56,11 @@ def shown(value) -> str:
     except (ValueError, RecursionError):  # integers over Python's digit limit, deeply nested values
         text = f"a {type(value).__name__} too large to show"
     return text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN - 3] + "..."
+
+
+def unknown_names(names: list[str], what: str, allowed: str) -> Rejection:
+    """The refusal of names nobody declared: the first few shown cut short, the rest counted, then what is
+    allowed (``names`` may hold 200,000 keys of a megabyte each: the message stays short)."""
+    listed = ", ".join(shown(name) for name in names[:MAX_UNKNOWN_SHOWN])
+    more = f" and {len(names) - MAX_UNKNOWN_SHOWN} more" if len(names) > MAX_UNKNOWN_SHOWN else ""
+    return invalid(names[0][:MAX_SHOWN], f"unknown {what}(s) {listed}{more}{allowed}", reason=UNKNOWN_FIELD)

@@ -316,7 +316,7 @@ class GenerationEngine:
         finite = np.isfinite(output.images).reshape(len(per_image), -1).all(axis=1)
         if not finite.all():  # a NaN would become a black image sent as a success
             raise NonFiniteImages(f"{int((~finite).sum())} of {len(per_image)} image(s) came out NaN or infinite")
-        images = (np.clip(output.images, 0.0, 1.0) * 255).round().astype(np.uint8)
+        images = (np.clip(_keep_unmasked(output.images, per_image), 0.0, 1.0) * 255).round().astype(np.uint8)
         return images, ([bool(flag) for flag in nsfw] if nsfw is not None else None)
 
     def _task_pipeline_of(self, request: GenerationRequest) -> "TaskPipeline":
@@ -334,6 +334,18 @@ class GenerationEngine:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _keep_unmasked(images: np.ndarray, per_image: list[tuple[GenerationRequest, int]]) -> np.ndarray:
+    """Inpainting and outpainting images with the sent pixels put back where the mask is not white, as
+    AUTOMATIC1111's overlay does: the pipeline re-encodes the whole canvas through the VAE, which changes the
+    pixels it was told to keep. A grey mask value blends the two; black keeps the input exactly."""
+    for index, (request, _) in enumerate(per_image):
+        if request.mask_image is not None:
+            repaint = np.asarray(request.mask_image.convert("L"), dtype=np.float32)[..., None] / 255
+            sent = np.asarray(request.image.convert("RGB"), dtype=np.float32) / 255
+            images[index] = sent * (1 - repaint) + images[index] * repaint
+    return images
 
 
 class NonFiniteImages(ArithmeticError):

@@ -90,6 +90,10 @@ class HandlerSettings:
     """`auto` (float16 on CUDA, float32 on CPU), `float32`, `float16`, `bfloat16`"""
     torch_threads: int = 0
     """torch threads per worker; 0 = cores / live workers"""
+    memory_budget_gb: float = 0.0
+    """most memory (GB) this model's workers on one host may hold together (RAM; on CUDA, per GPU); 0 = what the
+    host has available. A worker that would not fit (its weights in the served dtype + 1 GB working memory) fails
+    its load with a message naming both figures, instead of swapping or being OOM-killed"""
     warmup: bool = True
     """run one tiny generation at load, so the first request is not the slowest"""
     attention: str = "sdpa"
@@ -226,6 +230,8 @@ class HandlerSettings:
                 f"max_loaded_loras must be at least max_loras ({self.max_loras}), or one request's LoRAs could not "
                 f"all be loaded; got {self.max_loaded_loras}")
         require(self.torch_threads >= 0, f"torch_threads must be 0 (auto) or more, got {self.torch_threads}")
+        require(self.memory_budget_gb >= 0,
+                f"memory_budget_gb must be 0 (what the host has available) or more, got {self.memory_budget_gb}")
         for name in ("default_width", "default_height"):
             side = getattr(self, name)
             require(side % 8 == 0 and self.min_side <= side <= self.max_side,

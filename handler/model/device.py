@@ -1,4 +1,10 @@
-"""Decisions about where and how the pipeline runs, kept free of side effects so CPU tests cover them."""
+"""Where and how the pipeline runs: the device and dtype, the speed steps, the torch threads per worker.
+
+The decisions (``choose_placement``, ``plan_optimizations``, ``threads_per_worker``) are pure functions of the
+settings and what the machine has, so CPU tests cover the GPU cases too. Two parts act on the process:
+``select_device`` makes the worker's GPU current, and ``WorkerRegistry`` writes a pid file per worker in the
+model folder to count the live workers.
+"""
 
 import hashlib
 import os

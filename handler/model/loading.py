@@ -3,7 +3,6 @@
 import logging
 import time
 from pathlib import Path
-from typing import Callable, Optional
 
 from handler.model import optimizations
 from handler.model.device import Placement, plan_optimizations
@@ -13,12 +12,17 @@ from handler.core.settings import HandlerSettings
 logger = logging.getLogger(__name__)
 
 
-def load_pipeline(folder: Path, placement: Placement, settings: HandlerSettings = HandlerSettings(),
-                  prepare: Optional[Callable] = None):
-    """Load the pipeline in ``folder`` with ``local_files_only`` (a worker must never reach a hub), place it
-    and apply the speed/memory options the settings ask for.
+def load_pipeline(folder: Path, placement: Placement, settings: HandlerSettings = HandlerSettings()):
+    """Read the pipeline in ``folder`` and optimize it as the settings ask (``read_pipeline``, then
+    ``optimize_pipeline``, for callers with nothing to do between the two)."""
+    pipeline = read_pipeline(folder, placement, settings)
+    optimize_pipeline(pipeline, placement, settings)
+    return pipeline
 
-    ``prepare(pipeline)`` runs before placing and compiling (LoRA hot-swap slots must exist before compiling)."""
+
+def read_pipeline(folder: Path, placement: Placement, settings: HandlerSettings = HandlerSettings()):
+    """Load the pipeline in ``folder`` with ``local_files_only`` (a worker must never reach a hub), not yet
+    placed: what must exist before placing and compiling (LoRA hot-swap slots) is added between the two."""
     from diffusers import DiffusionPipeline
 
     started = time.perf_counter()
@@ -27,14 +31,19 @@ def load_pipeline(folder: Path, placement: Placement, settings: HandlerSettings 
         overrides.update(safety_checker=None, requires_safety_checker=False)  # skip loading its weights
     pipeline = DiffusionPipeline.from_pretrained(folder, local_files_only=True, dtype=placement.dtype,
                                                  variant=settings.variant or None, **overrides)
-    if prepare is not None:
-        prepare(pipeline)
+    logger.info("read %s from %s as %s in %.2f s", type(pipeline).__name__, folder, placement.dtype,
+                time.perf_counter() - started)
+    return pipeline
+
+
+def optimize_pipeline(pipeline, placement: Placement, settings: HandlerSettings) -> None:
+    """Place the pipeline and apply the speed/memory options the settings ask for."""
+    started = time.perf_counter()
     steps = plan_optimizations(settings, placement)
     for step in steps:
         apply_optimization(pipeline, step, placement, settings)
-    logger.info("loaded %s from %s on %s as %s with %s in %.2f s", type(pipeline).__name__, folder,
-                placement.device, placement.dtype, ", ".join(steps), time.perf_counter() - started)
-    return pipeline
+    logger.info("placed %s on %s with %s in %.2f s", type(pipeline).__name__, placement.device, ", ".join(steps),
+                time.perf_counter() - started)
 
 
 def apply_optimization(pipeline, step: str, placement: Placement, settings: HandlerSettings) -> None:

@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 STEP_CACHE_PIPELINES = ("FluxPipeline",)
 # torch.compile backends that live in an optional package, registered when it is imported.
 BACKEND_MODULES = {"openvino": "openvino.torch"}
+SMALLEST_WARMUP = 64  # a side every family accepts (a multiple of 16)
 
 
 def denoiser(pipeline):
@@ -27,10 +28,17 @@ def denoiser(pipeline):
     return unet if unet is not None else pipeline.transformer
 
 
-def warmup_buckets(settings: HandlerSettings) -> list[tuple[int, int, int]]:
-    """The (width, height, images) shapes the warm-up generates: the operator's list, else the default size."""
+def warmup_buckets(settings: HandlerSettings, device: str = "cuda") -> list[tuple[int, int, int]]:
+    """The (width, height, images) shapes the warm-up generates: the operator's list, else the default size;
+    on a CPU without compilation the smallest size (64x64). Eager CPU kernels set themselves up once whatever
+    the shape, so a 64x64 step makes the first request as fast as the next (measured on a full-size SD 1.5 by
+    benchmarks/realscale.py), while a default-size warm-up there takes minutes of a cold start."""
     buckets = [parse_bucket(entry) for entry in settings.compile_warmup_sizes]
-    return buckets or [(settings.default_width, settings.default_height, 1)]
+    if buckets:
+        return buckets
+    if device == "cpu" and not (settings.torch_compile or settings.compile_vae):
+        return [(SMALLEST_WARMUP, SMALLEST_WARMUP, 1)]
+    return [(settings.default_width, settings.default_height, 1)]
 
 
 def check_attention_slicing(pipeline) -> None:

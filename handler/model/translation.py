@@ -44,7 +44,8 @@ class PromptTranslator:
         started = time.perf_counter()
         self.mode = mode
         self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        self.model = AutoModelForSeq2SeqLM.from_pretrained(folder, local_files_only=True).to(device).eval()
+        self.model = AutoModelForSeq2SeqLM.from_pretrained(folder, local_files_only=True,
+                                                           use_safetensors=True).to(device).eval()
         self.device = device
         self.translate = lru_cache(maxsize=CACHED_TRANSLATIONS)(self._translate)
         logger.info("loaded the translator %s from %s on %s in %.2f s", type(self.model).__name__, folder, device,

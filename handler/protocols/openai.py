@@ -1,15 +1,14 @@
-"""The OpenAI Images API door: ``/predictions/{model}/{version}/v1/...``, for the official ``openai`` SDK.
+"""The OpenAI Images API: ``/predictions/{model}/{version}/v1/...``, for the official ``openai`` SDK.
 
 TorchServe sends any request on a path below a model's version to the handler, whatever its HTTP method, with
-the rest of the path in the request header ``url_path`` (``v1/images/generations``) and without the method.
-A request whose ``url_path`` starts with ``v1`` comes through this door; any other goes to the native one
-(``handler/wire.py``).
+the rest of the path in the request header ``url_path`` (``v1/images/generations``) and without the method;
+``handler/protocols/routing.py`` sends those whose ``url_path`` starts with ``v1`` here.
 
-The door translates an OpenAI body into the contract's fields and lets ``Contract.parse`` judge them: every
-range, default and message comes from the contract. The door only maps names (``n`` is ``num_images``,
+The protocol translates an OpenAI body into the contract's fields and lets ``Contract.parse`` judge them: every
+range, default and message comes from the contract. It only maps names (``n`` is ``num_images``,
 ``size`` is ``width`` and ``height``, an OpenAI ``mask`` becomes a white-=-repaint ``mask_image``) and maps a
 failure's field back to the name the client used. It answers OpenAI's ``ImagesResponse``, model list and
-error object. Nothing here knows TorchServe: the handler hands it rows and headers and sends what it returns.
+error object. Nothing here knows TorchServe: the handler hands it requests and sends the replies.
 """
 
 import base64
@@ -17,32 +16,30 @@ import io
 import json
 import re
 import time
-from datetime import datetime
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 import numpy as np
 from PIL import Image
 
-from handler import wire
-from handler.core.contract import ClientRequest, Contract
+from handler.core.contract import ClientRequest, Contract, GenerationRequest, is_given
 from handler.core.encoding import SINGLE_IMAGE_FORMATS, image_file
 from handler.core.failures import (
-    INVALID_FIELD, NOT_IMPLEMENTED, OUT_OF_MEMORY, UNKNOWN_FIELD, Rejection, invalid, shown,
+    INVALID_FIELD, NOT_IMPLEMENTED, OUT_OF_MEMORY, Rejection, invalid, shown, unknown_names,
 )
 from handler.core.images import decode_image
+from handler.protocols.http import (
+    Call, HttpRequest, Protocol, Reply, ServedModel, failure_of, result_headers, status_of,
+)
 
-ROUTE_HEADER = "url_path"
 PREFIX = "v1"
 GENERATIONS, EDITS, MODELS = "v1/images/generations", "v1/images/edits", "v1/models"
 IMAGE_ROUTES = (GENERATIONS, EDITS)
 IMAGE_FORMATS = SINGLE_IMAGE_FORMATS  # the files b64_json can carry: png, jpeg, webp
 DEFAULT_IMAGE_FORMAT = "png"
-# The contract format asked for on this door's behalf: it holds any number of images (the door encodes the files).
+# The contract format asked for on this API's behalf: it holds any number of images (the files are encoded here).
 CONTRACT_FORMAT = "json"
-JSON_TYPE = "application/json"
 SIZE = re.compile(r"\s*(\d{1,9})\s*[xX]\s*(\d{1,9})\s*")
-MAX_UNKNOWN_SHOWN = 5
 
 
 @dataclass(frozen=True)
@@ -88,135 +85,92 @@ OPENAI_FIELDS: tuple[OpenAIField, ...] = (
 FIELDS_OF_ROUTE = {route: tuple(spec.name for spec in OPENAI_FIELDS if route in spec.routes) for route in IMAGE_ROUTES}
 # Contract fields a client may also give by their own name (extra_body) unless it gave the OpenAI field too.
 NATIVE_ALIASES = {"n": ("num_images",), "size": ("width", "height"), "mask": ("mask_image",)}
-# Contract fields this door cannot honour: it answers JSON, never a stream, with files in output_format.
-NOT_ON_THIS_DOOR = ("preview_every",)
+# Contract fields this API cannot honour: it answers JSON, never a stream, with files in output_format.
+NOT_OFFERED = ("preview_every",)
 
 
 # --- What the handler carries through a batch ------------------------------------------------------------------
 
 @dataclass
 class RouteRejection(Rejection):
-    """A request for a route or model this door does not serve: 404 with its own code (counted as not_implemented)."""
+    """A request for a route or model this API does not serve: 404 with its own code (counted as not_implemented)."""
 
     status: int = 404
     code: str = "unknown_url"
 
 
-@dataclass
-class OpenAICall:
-    """One request that came through this door: what to generate and how to answer it, or why it fails.
+@dataclass(kw_only=True)
+class OpenAICall(Call):
+    """One request of this API: what to generate and how to answer it.
 
-    ``request``: the contract's request (image routes); ``reply``: a ready answer (the model list);
-    ``failure``: the rejection that answers it. Exactly one is set.
+    ``request``: the contract's request (image routes); ``reply``: a ready answer (the model list).
     """
 
-    route: str
+    route: str = ""
     request: Optional[ClientRequest] = None
     image_format: str = DEFAULT_IMAGE_FORMAT
     reply: Optional[dict] = None
-    failure: Optional[Rejection] = None
     params: dict[str, str] = field(default_factory=dict)  # contract field -> the OpenAI name the client used
 
-    def work(self):
-        """What the generation engine gets: the request to generate, else this call (passed through as is)."""
-        if self.request is not None:
-            return self.request.generation
-        return self.failure if self.failure is not None else self
+    def requests(self) -> list[GenerationRequest]:
+        return [self.request.generation] if self.request is not None else []
 
 
-@dataclass(frozen=True)
-class Reply:
-    """One answer: status, body, content type and headers."""
-
-    status: int
-    body: bytes
-    headers: dict[str, str] = field(default_factory=dict)
-    content_type: str = JSON_TYPE
+def route_of(request: HttpRequest) -> Optional[str]:
+    """The OpenAI route of a request (``v1/images/generations``), or None when it is not under ``v1``."""
+    return request.route if request.is_under(PREFIX) else None
 
 
-def route_of(headers: Mapping[str, Any]) -> Optional[str]:
-    """The OpenAI route of a request (``v1/images/generations``), or None when it is for the native door."""
-    path = (wire.header(headers, ROUTE_HEADER) or "").strip().strip("/")
-    if path == PREFIX or path.startswith(PREFIX + "/"):
-        return path
-    return None
+# --- The protocol -----------------------------------------------------------------------------------------------
 
-
-# --- The door ---------------------------------------------------------------------------------------------------
-
-class OpenAIDoor:
+class OpenAIProtocol(Protocol):
     """The OpenAI Images API of one loaded model."""
 
-    def __init__(self, contract: Contract, model_name: str, created: int):
-        self.contract = contract
-        self.model_name = model_name
-        self.model = {"id": model_name, "object": "model", "created": created, "owned_by": "torchserve"}
+    call_type = OpenAICall
 
-    def read(self, route: str, row: Mapping[str, Any], headers: Mapping[str, Any]) -> OpenAICall:
-        """One request of this door -> an OpenAICall; raises Rejection (its field already an OpenAI name)."""
-        if wire.header(headers, "explain") == "True":  # /explanations/{model}/{version}/v1/...
-            raise Rejection(NOT_IMPLEMENTED, "explanations are not offered for image generation; POST to "
-                            "/predictions/{model}/{version}/v1/images/generations instead")
+    def __init__(self, contract: Contract, model: ServedModel):
+        super().__init__(contract, model)
+        self.listed = {"id": model.name, "object": "model", "created": model.created, "owned_by": "torchserve"}
+
+    def read(self, request: HttpRequest) -> OpenAICall:
+        """One request of this API -> an OpenAICall; raises Rejection (its field already an OpenAI name)."""
+        route = route_of(request) or ""
+        request.refuse_explanations("POST to /predictions/{model}/{version}/v1/images/generations instead")
         if route == MODELS:
-            return OpenAICall(route, reply={"object": "list", "data": [self.model]})
+            return OpenAICall(route=route, reply={"object": "list", "data": [self.listed]})
         if route.startswith(MODELS + "/"):
             name = route[len(MODELS) + 1:]
-            if name != self.model_name:
+            if name != self.model.name:
                 raise RouteRejection(NOT_IMPLEMENTED, f"the model {shown(name)} does not exist here: this URL serves "
-                                     f"{self.model_name!r}", field="model", code="model_not_found")
-            return OpenAICall(route, reply=self.model)
+                                     f"{self.model.name!r}", field="model", code="model_not_found")
+            return OpenAICall(route=route, reply=self.listed)
         if route not in IMAGE_ROUTES:
             raise RouteRejection(NOT_IMPLEMENTED, f"no route {shown('/' + route)} here; this server offers POST "
                                  f"/{GENERATIONS}, POST /{EDITS} and GET /{MODELS}")
-        body, from_form = wire.read_body(row, wire.header(headers, "content-type"))
+        body, from_form = request.fields()
         if from_form:  # the SDK sends a list of images as image[]
             body = {("image" if key == "image[]" else key): value for key, value in body.items()}
         fields, image_format, params = self.translate(route, body, from_form)
         try:
-            request = self.contract.parse(fields, from_form)
+            parsed = self.contract.parse(fields, from_form)
         except Rejection as rejection:
             raise openai_rejection(rejection, params, body) from None
-        return OpenAICall(route, request, image_format, params=params)
+        return OpenAICall(route=route, request=parsed, image_format=image_format, params=params)
 
     def translate(self, route: str, body: Mapping[str, Any], from_form: bool) -> tuple[dict, str, dict]:
         """An OpenAI body -> (the contract's fields, the image file format, contract field -> OpenAI name).
 
-        Only this door's own values are judged here (the names, response_format, output_format, size's
+        Only this API's own values are judged here (the names, response_format, output_format, size's
         spelling, stream, background); everything the contract declares is left to ``Contract.parse``.
         """
-        given = {key: value for key, value in body.items() if _given(value, from_form)}
+        given = {key: value for key, value in body.items() if is_given(value, from_form)}
         own = FIELDS_OF_ROUTE[route]
         unknown = [key for key in given if key not in own and key not in self.contract.declared]
         if unknown:
-            listed = ", ".join(shown(key) for key in unknown[:MAX_UNKNOWN_SHOWN])
-            more = f" and {len(unknown) - MAX_UNKNOWN_SHOWN} more" if len(unknown) > MAX_UNKNOWN_SHOWN else ""
-            native = [name for name in self.contract.fields if name not in own and name not in NOT_ON_THIS_DOOR]
-            raise invalid(unknown[0][:80], f"unknown field(s) {listed}{more}; /{route} takes {list(own)}, and this "
-                          f"server's own fields in extra_body: {native}", reason=UNKNOWN_FIELD)
-        for name, aliases in NATIVE_ALIASES.items():
-            both = [alias for alias in aliases if alias in given]
-            if name in given and name in own and both:
-                raise invalid(name, f"{name} and {both[0]} say the same thing; give only one of them")
-        for name in NOT_ON_THIS_DOOR:
-            if name in given:
-                raise invalid(name, f"{name} needs a stream, which the OpenAI API here does not offer; use POST "
-                              "/predictions/{model} with \"stream\": true for progress")
-
-        _choose("response_format", given, ("b64_json",), "b64_json", "this server does not store files, so it "
-                "gives no URLs; use response_format b64_json (the default) and decode the base64 image")
-        image_format = _choose("output_format", given, IMAGE_FORMATS, DEFAULT_IMAGE_FORMAT,
-                               f"each image comes back as a file in b64_json: use one of {list(IMAGE_FORMATS)}")
-        _choose("background", given, ("auto", "opaque"), "auto",
-                "this model makes opaque images only; leave background out, or use auto or opaque")
-        if route == EDITS and "image" not in given:
-            raise invalid("image", "image is required: the picture to edit, as the form file image (or base64 in "
-                          "a JSON body)")
-        if "stream" in given and self.contract.declared["stream"].type.read("stream", given["stream"], from_form):
-            raise invalid("stream", "stream is not offered by the OpenAI API here; leave it out (or false), or use "
-                          "POST /predictions/{model} with \"stream\": true for NDJSON progress")
-        if "markup" in given:
-            raise invalid("markup", "markup is not supported; send a mask (transparent where to edit) instead")
-
+            native = [name for name in self.contract.fields if name not in own and name not in NOT_OFFERED]
+            raise unknown_names(unknown, "field", f"; /{route} takes {list(own)}, and this server's own fields in "
+                                f"extra_body: {native}")
+        image_format = self._judge_own_values(route, given, from_form)
         fields = {name: value for name, value in given.items() if name in self.contract.declared
                   and name not in ("output_format", "stream")}
         params = {}
@@ -231,6 +185,33 @@ class OpenAIDoor:
             fields["mask_image"], params["mask_image"] = self._mask(given["mask"]), "mask"
         fields["output_format"] = CONTRACT_FORMAT
         return fields, image_format, params
+
+    def _judge_own_values(self, route: str, given: Mapping[str, Any], from_form: bool) -> str:
+        """Refuse what this API does not offer, naming the OpenAI field; -> the image file format."""
+        own = FIELDS_OF_ROUTE[route]
+        for name, aliases in NATIVE_ALIASES.items():
+            both = [alias for alias in aliases if alias in given]
+            if name in given and name in own and both:
+                raise invalid(name, f"{name} and {both[0]} say the same thing; give only one of them")
+        for name in NOT_OFFERED:
+            if name in given:
+                raise invalid(name, f"{name} needs a stream, which the OpenAI API here does not offer; use POST "
+                              "/predictions/{model} with \"stream\": true for progress")
+        _choose("response_format", given, ("b64_json",), "b64_json", "this server does not store files, so it "
+                "gives no URLs; use response_format b64_json (the default) and decode the base64 image")
+        image_format = _choose("output_format", given, IMAGE_FORMATS, DEFAULT_IMAGE_FORMAT,
+                               f"each image comes back as a file in b64_json: use one of {list(IMAGE_FORMATS)}")
+        _choose("background", given, ("auto", "opaque"), "auto",
+                "this model makes opaque images only; leave background out, or use auto or opaque")
+        if route == EDITS and "image" not in given:
+            raise invalid("image", "image is required: the picture to edit, as the form file image (or base64 in "
+                          "a JSON body)")
+        if "stream" in given and self.contract.declared["stream"].type.read("stream", given["stream"], from_form):
+            raise invalid("stream", "stream is not offered by the OpenAI API here; leave it out (or false), or use "
+                          "POST /predictions/{model} with \"stream\": true for NDJSON progress")
+        if "markup" in given:
+            raise invalid("markup", "markup is not supported; send a mask (transparent where to edit) instead")
+        return image_format
 
     def _mask(self, value):
         """An OpenAI mask (transparent = edit) -> a PNG mask as the contract reads it (white = repaint)."""
@@ -253,14 +234,15 @@ class OpenAIDoor:
 
     # -- answers --
 
-    def respond(self, call: OpenAICall, outcome) -> Reply:
-        """The answer to one call, from what the engine made of its work (a GenerationResult or a Rejection)."""
-        if call.failure is not None or isinstance(outcome, Rejection):
-            failure = call.failure if call.failure is not None else outcome
+    def respond(self, call: OpenAICall, outcomes: list) -> Reply:
+        """The answer to one call, from what the engine made of its request (a GenerationResult or a Rejection)."""
+        failure = failure_of(call, outcomes)
+        if failure is not None:
             return error_reply(failure if failure.field not in call.params else
                                Rejection(failure.reason, failure.message, call.params[failure.field]))
         if call.reply is not None:
             return Reply(200, json.dumps(call.reply).encode())
+        (outcome,) = outcomes
         generation = outcome.request
         parameters = outcome.parameters()
         document = {
@@ -272,7 +254,7 @@ class OpenAIDoor:
             "output_format": call.image_format,
             "size": f"{generation.width}x{generation.height}",
         }
-        return Reply(200, json.dumps(document).encode(), wire.result_headers(list(generation.seeds), outcome.nsfw))
+        return Reply(200, json.dumps(document).encode(), result_headers(list(generation.seeds), outcome.nsfw))
 
 
 def openai_rejection(rejection: Rejection, params: Mapping[str, str], body: Mapping[str, Any]) -> Rejection:
@@ -286,7 +268,7 @@ def openai_rejection(rejection: Rejection, params: Mapping[str, str], body: Mapp
 
 
 def error_status(rejection: Rejection) -> int:
-    return rejection.status if isinstance(rejection, RouteRejection) else wire.status_of(rejection)
+    return rejection.status if isinstance(rejection, RouteRejection) else status_of(rejection)
 
 
 def error_object(rejection: Rejection) -> dict:
@@ -301,17 +283,11 @@ def error_reply(rejection: Rejection) -> Reply:
     """An error answer. The SDK retries 5xx by itself: only out of memory is worth another try."""
     status = error_status(rejection)
     headers = {"x-should-retry": "false"} if status >= 500 and rejection.reason != OUT_OF_MEMORY else {}
-    return Reply(status, json.dumps({"error": error_object(rejection)}).encode(), headers)
-
-
-def _given(value, from_form: bool) -> bool:
-    if value is None:
-        return False
-    return not (from_form and isinstance(value, str) and value.strip() == "")
+    return Reply(status, json.dumps({"error": error_object(rejection)}).encode(), headers, failure=rejection)
 
 
 def _choose(name: str, given: Mapping[str, Any], allowed: tuple[str, ...], default: str, why: str) -> str:
-    """One of this door's own choice fields: its value, the default when left out, else a 400 saying why."""
+    """One of this API's own choice fields: its value, the default when left out, else a 400 saying why."""
     value = given.get(name, default)
     if value not in allowed:
         raise invalid(name, f"{name} {shown(value)} is not offered: {why}", reason=INVALID_FIELD)
@@ -326,11 +302,3 @@ def _size(value) -> Optional[tuple[int, int]]:
     if match is None:
         raise invalid("size", f"size must be 'auto' or WIDTHxHEIGHT in pixels, e.g. '512x512', got {shown(value)}")
     return int(match.group(1)), int(match.group(2))
-
-
-def archive_created(manifest) -> int:
-    """When the archive was built (a .mar MANIFEST's createdOn, dd/mm/YYYY HH:MM:SS), as Unix time; else now."""
-    try:
-        return int(datetime.strptime(manifest["createdOn"], "%d/%m/%Y %H:%M:%S").timestamp())
-    except (TypeError, KeyError, ValueError):
-        return int(time.time())

@@ -1,10 +1,10 @@
-"""KServe's two doors: the Open Inference Protocol (v2, ``/v2/models/{model}/infer``) and v1 (``:predict``).
+"""KServe's two protocols: the Open Inference Protocol (v2, ``/v2/models/{model}/infer``) and v1 (``:predict``).
 
 TorchServe passes ``POST /v2/models/{model}/infer`` and ``POST /v1/models/{model}:predict`` to the handler with
 the body as sent and, unlike ``/predictions/{model}``, without a ``url_path`` header (the native route always
-sets one, empty when nothing follows the model). A request without ``url_path`` whose body is an OIP request
-(``inputs``, or the binary extension's ``Inference-Header-Content-Length`` header) or a v1 request
-(``instances``) comes through here; any other goes to the native door. TorchServe's own KServe envelopes are
+sets one, empty when nothing follows the model). ``handler/protocols/routing.py`` sends a request without
+``url_path`` here when its body is an OIP request (``inputs``, or the binary extension's
+``Inference-Header-Content-Length`` header) or a v1 request (``instances``). TorchServe's own KServe envelopes are
 not used: they are global to the server and read only the first request of a batch. Here every request of a
 batch is read and answered in its own protocol, and they share pipeline calls like any other requests.
 
@@ -14,7 +14,7 @@ has the output ``image`` (UINT8 ``[N, H, W, 3]``; with ``parameters.output_forma
 ``[N]`` holding base64 files) and ``seeds`` (INT64 ``[N]``), in JSON or in the binary tensor extension that
 tritonclient asks for by default. v1: each instance is a body of the contract; predictions are
 ``{"image": <base64 file>, "seed": ...}``, one per instance. Errors are ``{"error": <message>}`` (what OIP
-clients read) plus ``reason`` and ``field``, with the status the native door would give.
+clients read) plus ``reason`` and ``field``, with the status every protocol gives (``handler/protocols/http.py``).
 """
 
 import base64
@@ -22,114 +22,111 @@ import json
 import math
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 import numpy as np
 
-from handler import wire
 from handler.core.contract import (
-    Boolean, Choice, ClientRequest, Contract, ImageInput, Integer, LoraList, Number, Text,
+    Boolean, Choice, ClientRequest, Contract, GenerationRequest, ImageInput, Integer, LoraList, Number, Text,
 )
 from handler.core.encoding import SINGLE_IMAGE_FORMATS, array_json, image_file
-from handler.core.failures import INVALID_BODY, NOT_IMPLEMENTED, UNKNOWN_FIELD, UNSUPPORTED_MEDIA_TYPE, \
-    Rejection, invalid, shown
+from handler.core.failures import (
+    INVALID_BODY, UNSUPPORTED_MEDIA_TYPE, Rejection, invalid, shown, unknown_names,
+)
 from handler.core.generation import GenerationResult
-from handler.openai_api import ROUTE_HEADER, Reply
+from handler.protocols.http import (
+    JSON_TYPE, Call, HttpRequest, Protocol, Reply, failure_of, read_body, result_headers, status_of, utf8,
+)
 
 V1, V2 = "v1", "v2"
 BINARY_HEADER = "inference-header-content-length"
-JSON_TYPE, BINARY_TYPE = "application/json", "application/octet-stream"
+BINARY_TYPE = "application/octet-stream"
 IMAGE, SEEDS = "image", "seeds"
 OUTPUTS = (IMAGE, SEEDS)
 DEFAULT_V1_FORMAT = "png"
-# The contract format asked for on this door's behalf: it holds any number of images (the door encodes them).
+# The contract format asked for on these protocols' behalf: it holds any number of images (encoded here).
 CONTRACT_FORMAT = "json"
-# Contract fields these doors cannot honour: they answer one document, never a stream.
-NOT_ON_THIS_DOOR = ("stream", "preview_every")
+# Contract fields these protocols cannot honour: they answer one document, never a stream.
+NOT_OFFERED = ("stream", "preview_every")
 INTEGER_TYPES = ("INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64")
 FLOAT_TYPES = ("FP16", "FP32", "FP64")
 NUMPY_TYPE = {"INT8": "<i1", "INT16": "<i2", "INT32": "<i4", "INT64": "<i8", "UINT8": "<u1", "UINT16": "<u2",
               "UINT32": "<u4", "UINT64": "<u8", "FP16": "<f2", "FP32": "<f4", "FP64": "<f8", "BOOL": "?"}
 
 
-@dataclass
-class KServeCall:
-    """One request that came through these doors: its protocol, what to generate, and how to answer.
+@dataclass(kw_only=True)
+class KServeCall(Call):
+    """One KServe request: its protocol, what to generate, and how to answer.
 
-    ``requests``: one per v2 request, one per v1 instance; ``failure``: the rejection that answers it instead.
-    ``formats``: per request, the file format of its images (None: v2's UINT8 tensor).
+    ``parsed``: one per v2 request, one per v1 instance. ``formats``: per request, the file format of its
+    images (None: v2's UINT8 tensor).
     """
 
-    protocol: str
-    requests: tuple[ClientRequest, ...] = ()
+    protocol: str = V2
+    parsed: tuple[ClientRequest, ...] = ()
     formats: tuple[Optional[str], ...] = ()
-    failure: Optional[Rejection] = None
     request_id: Optional[str] = None
     outputs: dict[str, bool] = field(default_factory=dict)  # v2: output name -> sent as binary data
 
-    def work(self) -> list:
-        """What the generation engine gets: the requests to generate, else the failure (passed through)."""
-        return [request.generation for request in self.requests] if self.failure is None else [self.failure]
+    def requests(self) -> list[GenerationRequest]:
+        return [request.generation for request in self.parsed]
 
 
-class KServeDoor:
+def is_kserve(request: HttpRequest) -> bool:
+    """Whether a request is KServe's: no ``url_path`` (KServe's routes set none), and a binary OIP header or a
+    JSON body with ``inputs`` (v2) or ``instances`` (v1)."""
+    if request.route is not None:
+        return False
+    if request.header(BINARY_HEADER) is not None:
+        return True
+    try:
+        body, from_form = request.fields()
+    except Rejection:  # not readable at all: the native protocol says why
+        return False
+    return not from_form and bool({"inputs", "instances"} & body.keys())
+
+
+class KServeProtocol(Protocol):
     """KServe v1 and v2 for one loaded model."""
 
-    def __init__(self, contract: Contract, model_name: str, model_version: Optional[str]):
-        self.contract = contract
-        self.model_name = model_name
-        self.model_version = model_version
+    call_type = KServeCall
 
     # -- reading --
 
-    def read(self, row: Mapping[str, Any], headers: Mapping[str, Any]) -> Optional[KServeCall]:
-        """A KServe request -> a KServeCall (its own rejections inside); None when the request is not KServe's.
-
-        Raises Rejection only when the body cannot be read at all (then no protocol is known).
-        """
-        if wire.header(headers, ROUTE_HEADER) is not None:
-            return None
-        header_length = wire.header(headers, BINARY_HEADER)
+    def read(self, request: HttpRequest) -> KServeCall:
+        """A KServe request (``is_kserve``) -> a KServeCall; raises Rejection."""
+        header_length = request.header(BINARY_HEADER)
         if header_length is not None:
-            protocol = V2
-            try:
-                body, binary = self._split_binary(row, header_length, headers)
-            except Rejection as rejection:
-                return KServeCall(V2, failure=rejection)
+            protocol, (body, binary) = V2, self._split_binary(request, header_length)
         else:
-            body, from_form = wire.read_body(row, wire.header(headers, "content-type"))
-            if from_form or not ({"inputs", "instances"} & body.keys()):
-                return None
-            protocol, binary = (V2 if "inputs" in body else V1), b""
-        request_id = body.get("id") if protocol == V2 and isinstance(body.get("id"), str) else None
-        try:
-            if wire.header(headers, "explain") == "True":
-                raise Rejection(NOT_IMPLEMENTED, "explanations are not offered for image generation; use "
-                                f"{'/v2/models/{model}/infer' if protocol == V2 else '/v1/models/{model}:predict'}")
-            return self._read_v2(body, binary, request_id) if protocol == V2 else self._read_v1(body)
-        except Rejection as rejection:
-            return KServeCall(protocol, failure=rejection, request_id=request_id)
+            (body, _), binary = request.fields(), b""
+            protocol = V2 if "inputs" in body else V1
+        request.refuse_explanations(
+            f"use {'/v2/models/{model}/infer' if protocol == V2 else '/v1/models/{model}:predict'}")
+        if protocol == V2:
+            return self._read_v2(body, binary, body.get("id") if isinstance(body.get("id"), str) else None)
+        return self._read_v1(body)
 
-    def _split_binary(self, row, header_length: str, headers) -> tuple[dict, bytes]:
+    def _split_binary(self, request: HttpRequest, header_length: str) -> tuple[dict, bytes]:
         """The binary tensor extension: a JSON header of the given length, then the tensors' bytes."""
-        encoding = (wire.header(headers, "content-encoding") or "identity").strip().lower()
+        encoding = (request.header("content-encoding") or "identity").strip().lower()
         if encoding != "identity":
             raise Rejection(UNSUPPORTED_MEDIA_TYPE, f"Content-Encoding {shown(encoding)} is not read here; send "
                             "the request uncompressed")
+        row = request.row
         payload = bytes(row.get("body", row.get("data", b"")) or b"")
         if not header_length.strip().isdigit() or int(header_length) > len(payload):
             raise Rejection(INVALID_BODY, f"Inference-Header-Content-Length {shown(header_length)} must be the "
                             f"length of the JSON header, at most the body's {len(payload)} bytes")
         length = int(header_length)
-        body, _ = wire.read_body({"body": payload[:length]}, JSON_TYPE)
+        body, _ = read_body({"body": payload[:length]}, JSON_TYPE)
         return body, payload[length:]
 
     def _read_v2(self, body: dict, binary: bytes, request_id: Optional[str]) -> KServeCall:
         known = {"id", "inputs", "outputs", "parameters"}
         extra = [key for key in body if key not in known]
         if extra:
-            raise invalid(extra[0][:80], f"unknown key(s) {', '.join(shown(key) for key in extra[:5])} in the "
-                          f"inference request; it takes {sorted(known)}", reason=UNKNOWN_FIELD)
+            raise unknown_names(extra, "key", f" in the inference request; it takes {sorted(known)}")
         if "id" in body and not isinstance(body["id"], str):
             raise invalid("id", f"id must be a string, got {shown(body['id'])}", reason=INVALID_BODY)
         parameters = _object(body, "parameters")
@@ -157,7 +154,8 @@ class KServeDoor:
             raise invalid("inputs", f"the body has {len(binary) - offset} bytes of binary data that no input's "
                           "binary_data_size accounts for", reason=INVALID_BODY)
         outputs = self._requested_outputs(body.get("outputs"), binary_default)
-        return KServeCall(V2, (self._parse(fields),), (format_name,), request_id=request_id, outputs=outputs)
+        return KServeCall(protocol=V2, parsed=(self._parse(fields),), formats=(format_name,), request_id=request_id,
+                          outputs=outputs)
 
     def _input_value(self, tensor, binary: bytes, offset: int) -> tuple[str, Any, int]:
         """One input tensor -> (its field name, its one value as the contract reads it, the new binary offset)."""
@@ -167,9 +165,8 @@ class KServeDoor:
         name = tensor["name"]
         spec = self.contract.declared.get(name)
         if spec is None:
-            raise invalid(name[:80], f"unknown input {shown(name)}; inputs and parameters take the contract's "
-                          f"fields: {[n for n in self.contract.fields if n not in NOT_ON_THIS_DOOR]}",
-                          reason=UNKNOWN_FIELD)
+            raise unknown_names([name], "input", "; inputs and parameters take the contract's fields: "
+                                f"{[n for n in self.contract.fields if n not in NOT_OFFERED]}")
         datatype, shape = tensor.get("datatype"), tensor.get("shape")
         allowed = _datatypes_of(spec.type)
         if datatype not in allowed:
@@ -200,7 +197,7 @@ class KServeDoor:
         if isinstance(spec.type, ImageInput) and isinstance(value, bytes):
             value = base64.b64encode(value).decode("ascii")  # a file sent as raw BYTES
         elif isinstance(value, bytes):
-            value = _text(name, value)
+            value = utf8(value, f"input {name}", name)
         if isinstance(spec.type, Number) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         return name, self._json_list(name, value), offset
@@ -235,8 +232,7 @@ class KServeDoor:
     def _read_v1(self, body: dict) -> KServeCall:
         extra = [key for key in body if key != "instances"]
         if extra:
-            raise invalid(extra[0][:80], f"unknown key(s) {', '.join(shown(key) for key in extra[:5])}; a v1 "
-                          "request is {\"instances\": [{\"prompt\": ...}, ...]}", reason=UNKNOWN_FIELD)
+            raise unknown_names(extra, "key", "; a v1 request is {\"instances\": [{\"prompt\": ...}, ...]}")
         instances = body["instances"]
         settings = self.contract.settings
         if not isinstance(instances, list) or not instances:
@@ -269,10 +265,10 @@ class KServeDoor:
         if pixels > settings.max_request_pixels:
             raise invalid("instances", f"the instances' images have {pixels} pixels together; at most "
                           f"{settings.max_request_pixels} per request (max_request_pixels)")
-        return KServeCall(V1, tuple(requests), tuple(formats))
+        return KServeCall(protocol=V1, parsed=tuple(requests), formats=tuple(formats))
 
     def _parse(self, fields: dict) -> ClientRequest:
-        for name in NOT_ON_THIS_DOOR:
+        for name in NOT_OFFERED:
             if name in fields:
                 raise invalid(name, f"{name} is not offered through KServe's protocols (they answer one "
                               "document); use POST /predictions/{model} with \"stream\": true for progress")
@@ -283,8 +279,8 @@ class KServeDoor:
     # -- answers --
 
     def respond(self, call: KServeCall, outcomes: list) -> Reply:
-        """The answer to one call, from the engine's outcomes for its work (GenerationResults or Rejections)."""
-        failure = call.failure or next((outcome for outcome in outcomes if isinstance(outcome, Rejection)), None)
+        """The answer to one call, from the engine's outcomes for its requests (GenerationResults or Rejections)."""
+        failure = failure_of(call, outcomes)
         if failure is not None:
             return error_reply(failure)
         if call.protocol == V1:
@@ -306,9 +302,9 @@ class KServeDoor:
             image = Tensor(IMAGE, "BYTES", [len(files)], files)
         tensors = [tensor for tensor in (image, Tensor(SEEDS, "INT64", [len(seeds)], seeds))
                    if tensor.name in call.outputs]
-        document = {"model_name": self.model_name, "outputs": []}
-        if self.model_version:
-            document["model_version"] = self.model_version
+        document = {"model_name": self.model.name, "outputs": []}
+        if self.model.version:
+            document["model_version"] = self.model.version
         if call.request_id is not None:
             document["id"] = call.request_id
         chunks, placeholders = [], {}
@@ -325,7 +321,7 @@ class KServeDoor:
         header = json.dumps(document, separators=(",", ":")).encode()
         for name, data in placeholders.items():  # a flat image list is written vectorised, not by json.dumps
             header = header.replace(f"\"@{name}@\"".encode(), data, 1)
-        headers = wire.result_headers(list(outcome.request.seeds), outcome.nsfw)
+        headers = result_headers(list(outcome.request.seeds), outcome.nsfw)
         if not chunks:
             return Reply(200, header, headers)
         headers["Inference-Header-Content-Length"] = str(len(header))
@@ -356,9 +352,8 @@ class Tensor:
 
 def error_reply(rejection: Rejection) -> Reply:
     """``{"error": <message>, "reason", "field"}``: OIP clients (tritonclient) show ``error`` as the message."""
-    status = wire.status_of(rejection)
-    return Reply(status, json.dumps({"error": rejection.message, "reason": rejection.reason,
-                                     "field": rejection.field}).encode())
+    return Reply(status_of(rejection), json.dumps({"error": rejection.message, "reason": rejection.reason,
+                                                  "field": rejection.field}).encode(), failure=rejection)
 
 
 def _object(body: dict, key: str) -> dict:
@@ -395,8 +390,3 @@ def _binary_element(name: str, datatype: str, raw: bytes):
     return bool(value) if datatype == "BOOL" else value.item()
 
 
-def _text(name: str, raw: bytes) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise invalid(name, f"input {name} is not valid UTF-8 text", reason=INVALID_BODY) from None

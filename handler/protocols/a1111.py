@@ -1,4 +1,4 @@
-"""The AUTOMATIC1111 door: ``/predictions/{model}/{version}/sdapi/v1/...``, A1111's web UI API.
+"""AUTOMATIC1111's web UI API: ``/predictions/{model}/{version}/sdapi/v1/...``.
 
 Open WebUI's and SillyTavern's image generation, the ``webuiapi`` Python client and many chat bots speak this
 API. TorchServe hands the path below the model's version to the handler in the ``url_path`` header
@@ -24,8 +24,7 @@ from typing import Any, Mapping, Optional
 
 from PIL import Image, ImageFilter, ImageOps
 
-from handler import wire
-from handler.core.contract import ClientRequest, Contract
+from handler.core.contract import ClientRequest, Contract, GenerationRequest
 from handler.core.encoding import image_file
 from handler.core.failures import (
     INVALID_BODY, NOT_IMPLEMENTED, UNKNOWN_FIELD, Rejection, invalid, shown,
@@ -36,11 +35,13 @@ from handler.core.schedulers import (
     A1111_DEFAULT_SCHEDULE, A1111_SCHEDULES, AUTOMATIC, SCHEDULERS, a1111_sampler_label, a1111_samplers,
     from_a1111,
 )
+from handler.protocols.http import (
+    Call, HttpRequest, Protocol, Reply, ServedModel, failure_of, result_headers, status_of,
+)
 
 PREFIX = "sdapi/v1"
 TXT2IMG, IMG2IMG = "txt2img", "img2img"
 IMAGE_ROUTES = (TXT2IMG, IMG2IMG)
-JSON_TYPE = "application/json"
 CONTRACT_FORMAT = "json"  # asked of the contract on this door's behalf; the door encodes the PNG files itself
 LORA_TAG = re.compile(r"<lora:([^:<>]+)(?::([^:<>]*))?(?::[^<>]*)?>")
 MODEL_SUFFIXES = (".safetensors", ".ckpt")
@@ -171,51 +172,35 @@ SENT_BACK = {"prompt": "", "negative_prompt": "", "steps": 50, "cfg_scale": 7.0,
 
 # --- What the handler carries through a batch ------------------------------------------------------------------
 
-@dataclass
-class A1111Call:
-    """One request through this door: what to generate and how to answer, a ready answer, or its failure."""
+@dataclass(kw_only=True)
+class A1111Call(Call):
+    """One request of this API: what to generate and how to answer, or a ready answer (``reply``)."""
 
-    route: str
+    route: str = ""
     request: Optional[ClientRequest] = None
     reply: Any = None  # a ready JSON answer (the GET routes, POST options)
-    failure: Optional[Rejection] = None
     echo: dict = field(default_factory=dict)  # A1111's "parameters": the request as read, with its defaults
     send_images: bool = True
     params: dict[str, str] = field(default_factory=dict)  # contract field -> the A1111 field the client used
 
-    def work(self) -> list:
-        """What the engine gets: the generation, the failure (passed through), or nothing to generate."""
-        if self.failure is not None:
-            return [self.failure]
+    def requests(self) -> list[GenerationRequest]:
         return [self.request.generation] if self.request is not None else []
 
 
-@dataclass(frozen=True)
-class Reply:
-    """One answer: status, body, content type and headers."""
-
-    status: int
-    body: bytes
-    headers: dict[str, str] = field(default_factory=dict)
-    content_type: str = JSON_TYPE
+def route_of(request: HttpRequest) -> Optional[str]:
+    """The A1111 route of a request (``txt2img``), or None when it is not under ``sdapi/v1``."""
+    return request.route[len(PREFIX):].strip("/") if request.is_under(PREFIX) else None
 
 
-def route_of(headers: Mapping[str, Any]) -> Optional[str]:
-    """The A1111 route of a request (``txt2img``), or None when it is not for this door."""
-    path = (wire.header(headers, "url_path") or "").strip().strip("/")
-    if path == PREFIX or path.startswith(PREFIX + "/"):
-        return path[len(PREFIX):].strip("/")
-    return None
+# --- The protocol -------------------------------------------------------------------------------------------
 
-
-# --- The door -----------------------------------------------------------------------------------------------
-
-class A1111Door:
+class A1111Protocol(Protocol):
     """A1111's API for one loaded model."""
 
-    def __init__(self, contract: Contract, model_name: str):
-        self.contract = contract
-        self.model_name = model_name
+    call_type = A1111Call
+
+    def __init__(self, contract: Contract, model: ServedModel):
+        super().__init__(contract, model)
         self.get_routes = {
             "sd-models": self._sd_models, "samplers": self._samplers, "schedulers": self._schedulers,
             "options": self._options, "loras": self._loras, "embeddings": lambda: {"loaded": {}, "skipped": {}},
@@ -224,28 +209,19 @@ class A1111Door:
             "scripts": lambda: {"txt2img": [], "img2img": []},
         }
 
-    def read(self, route: str, row: Mapping[str, Any], headers: Mapping[str, Any]) -> A1111Call:
-        """One request of this door -> an A1111Call; raises Rejection (its field an A1111 name)."""
-        if wire.header(headers, "explain") == "True":
-            raise Rejection(NOT_IMPLEMENTED, "explanations are not offered for image generation; POST to "
-                            "/predictions/{model}/{version}/sdapi/v1/txt2img instead")
+    def read(self, request: HttpRequest) -> A1111Call:
+        """One request of this API -> an A1111Call; raises Rejection (its field an A1111 name)."""
+        route = route_of(request) or ""
+        request.refuse_explanations("POST to /predictions/{model}/{version}/sdapi/v1/txt2img instead")
         if route in IMAGE_ROUTES:
-            body = self._json_body(row, headers)
-            return self._generation(route, body)
-        if route == "options" and _has_body(row):
-            return A1111Call(route, reply=self._set_options(self._json_body(row, headers)))
+            return self._generation(route, _json_body(request))
+        if route == "options" and _has_body(request.row):
+            return A1111Call(route=route, reply=self._set_options(_json_body(request)))
         if route in self.get_routes:
-            return A1111Call(route, reply=self.get_routes[route]())
+            return A1111Call(route=route, reply=self.get_routes[route]())
         raise RouteRejection(NOT_IMPLEMENTED, f"no route {shown('/' + PREFIX + '/' + route)} here; this server "
                              f"offers POST {PREFIX}/txt2img, POST {PREFIX}/img2img, POST {PREFIX}/options and GET "
                              f"{PREFIX}/" + f", GET {PREFIX}/".join(self.get_routes))
-
-    def _json_body(self, row, headers) -> dict:
-        body, from_form = wire.read_body(row, wire.header(headers, "content-type") or JSON_TYPE)
-        if from_form:
-            raise Rejection(INVALID_BODY, "send a JSON body (Content-Type: application/json), as A1111's API "
-                            "takes")
-        return body
 
     # -- txt2img, img2img --
 
@@ -285,8 +261,8 @@ class A1111Door:
             raise a1111_rejection(rejection, params, body) from None
         echo = {**SENT_BACK, **{key: value for key, value in body.items()
                                 if key not in ("url", "auth", "init_images", "mask")}}
-        return A1111Call(route, request, echo=echo, send_images=body.get("send_images", True) is not False,
-                         params=params)
+        return A1111Call(route=route, request=request, echo=echo,
+                         send_images=body.get("send_images", True) is not False, params=params)
 
     def _check_fields(self, route: str, body: Mapping[str, Any]) -> None:
         """Unknown fields are refused with the list of known ones; habit fields only at their habit values."""
@@ -343,9 +319,9 @@ class A1111Door:
         for suffix in MODEL_SUFFIXES:
             if isinstance(chosen, str) and chosen.endswith(suffix):
                 chosen = chosen[:-len(suffix)]
-        if chosen not in (None, "", self.model_name):
+        if chosen not in (None, "", self.model.name):
             raise RouteRejection(NOT_IMPLEMENTED, f"model {shown(value)} not found: this address serves "
-                                 f"[{self.model_name!r}]; a gateway in front of several models routes by it",
+                                 f"[{self.model.name!r}]; a gateway in front of several models routes by it",
                                  field=name)
 
     def _image_fields(self, body: Mapping[str, Any], mapped) -> None:
@@ -379,7 +355,7 @@ class A1111Door:
     # -- the GET routes and options --
 
     def _sd_models(self) -> list:
-        return [model_entry(self.model_name)]
+        return [model_entry(self.model.name)]
 
     def _samplers(self) -> list:
         return samplers_of(self.contract.capabilities.schedulers)
@@ -388,7 +364,7 @@ class A1111Door:
         return schedulers_of(self.contract.capabilities.schedulers)
 
     def _options(self) -> dict:
-        return options_of(self.model_name)
+        return options_of(self.model.name)
 
     def _loras(self) -> list:
         return [{"name": name, "alias": name, "path": f"loras/{name}.safetensors", "metadata": {}}
@@ -410,7 +386,7 @@ class A1111Door:
 
     def respond(self, call: A1111Call, outcomes: list) -> Reply:
         """The answer to one call from the engine's outcomes (none, or one GenerationResult or Rejection)."""
-        failure = call.failure or next((outcome for outcome in outcomes if isinstance(outcome, Rejection)), None)
+        failure = failure_of(call, outcomes)
         if failure is not None:
             field_name = call.params.get(failure.field, failure.field)
             return error_reply(failure if field_name == failure.field else
@@ -422,9 +398,9 @@ class A1111Door:
         seeds = list(generation.seeds)
         images = [base64.b64encode(image_file(image, "png", parameters, seed)).decode("ascii")
                   for image, seed in zip(outcome.images, seeds)] if call.send_images else []
-        info = info_of(parameters, seeds, self.model_name, call.echo)
+        info = info_of(parameters, seeds, self.model.name, call.echo)
         document = {"images": images, "parameters": {**call.echo, "seed": seeds[0]}, "info": json.dumps(info)}
-        return Reply(200, json.dumps(document).encode(), wire.result_headers(seeds, outcome.nsfw))
+        return Reply(200, json.dumps(document).encode(), result_headers(seeds, outcome.nsfw))
 
 
 @dataclass
@@ -509,7 +485,7 @@ def a1111_rejection(rejection: Rejection, params: Mapping[str, str], body: Mappi
 
 
 def error_status(rejection: Rejection) -> int:
-    return rejection.status if isinstance(rejection, RouteRejection) else wire.status_of(rejection)
+    return rejection.status if isinstance(rejection, RouteRejection) else status_of(rejection)
 
 
 def error_reply(rejection: Rejection) -> Reply:
@@ -517,7 +493,7 @@ def error_reply(rejection: Rejection) -> Reply:
     field at fault."""
     document = {"error": rejection.reason, "detail": rejection.message, "body": "", "errors": rejection.message,
                 "field": rejection.field}
-    return Reply(error_status(rejection), json.dumps(document).encode())
+    return Reply(error_status(rejection), json.dumps(document).encode(), failure=rejection)
 
 
 # --- Helpers --------------------------------------------------------------------------------------------------
@@ -545,6 +521,13 @@ def _base64_of(value: str) -> str:
     if value.startswith("data:"):
         return value.split(",", 1)[-1]
     return value
+
+
+def _json_body(request: HttpRequest) -> dict:
+    body, from_form = request.fields()
+    if from_form:
+        raise Rejection(INVALID_BODY, "send a JSON body (Content-Type: application/json), as A1111's API takes")
+    return body
 
 
 def _has_body(row: Mapping[str, Any]) -> bool:

@@ -1,4 +1,4 @@
-"""The native door's HTTP edge: content types, Accept negotiation, duplicate keys, uploads, bounded echoes."""
+"""The native protocol on the HTTP edge: content types, Accept negotiation, duplicate keys, uploads, bounded echoes."""
 
 import base64
 import io
@@ -8,21 +8,22 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from handler import wire
 from handler.core.contract import Contract
 from handler.core.failures import REASONS, Rejection
 from handler.core.settings import HandlerSettings
+from handler.protocols import http, native
+from helpers import read_native
 
 CONTRACT = Contract(HandlerSettings())
 
 
 def read(body: bytes, content_type="application/json", **headers):
-    return wire.read_request(CONTRACT, {"body": body}, {"Content-Type": content_type, **headers})
+    return read_native(CONTRACT, {"body": body}, {"Content-Type": content_type, **headers})
 
 
 def rejection(row, headers) -> Rejection:
     with pytest.raises(Rejection) as caught:
-        wire.read_request(CONTRACT, row, headers)
+        read_native(CONTRACT, row, headers)
     return caught.value
 
 
@@ -33,20 +34,20 @@ def png(array: np.ndarray, mode=None) -> bytes:
 
 
 def test_every_failure_kind_has_a_status():
-    assert set(wire.STATUS_OF_REASON) == set(REASONS)
-    assert all(400 <= status < 600 for status in wire.STATUS_OF_REASON.values())
+    assert set(http.STATUS_OF_REASON) == set(REASONS)
+    assert all(400 <= status < 600 for status in http.STATUS_OF_REASON.values())
 
 
 @pytest.mark.parametrize("content_type", ["image/png", "application/xml", "application/octet-stream"])
 def test_other_content_types_get_415_naming_the_accepted_ones(content_type):
     error = rejection({"body": b"a cat"}, {"Content-Type": content_type})
-    assert wire.status_of(error) == 415
+    assert http.status_of(error) == 415
     assert content_type in error.message and "application/json" in error.message and "text/plain" in error.message
 
 
 def test_no_content_type_reads_the_body_as_the_prompt():
     # TorchServe's upstream example sends its prompt file with curl -T, which sets no Content-Type.
-    assert wire.read_request(CONTRACT, {"body": b"a cat"}, {}).generation.prompt == "a cat"
+    assert read_native(CONTRACT, {"body": b"a cat"}, {}).generation.prompt == "a cat"
 
 
 def test_json_with_a_charset_and_a_json_suffix_type():
@@ -56,7 +57,7 @@ def test_json_with_a_charset_and_a_json_suffix_type():
 
 def test_duplicate_json_keys_are_refused():
     error = rejection({"body": b'{"prompt": "a cat", "seed": 1, "seed": 2}'}, {"Content-Type": "application/json"})
-    assert wire.status_of(error) == 400 and "seed" in error.message and "once" in error.message
+    assert http.status_of(error) == 400 and "seed" in error.message and "once" in error.message
 
 
 @pytest.mark.parametrize("accept, expected", [
@@ -70,12 +71,12 @@ def test_duplicate_json_keys_are_refused():
     ("application/json", "array"),
 ])
 def test_accept_honours_q_values_and_wildcards(accept, expected):
-    assert wire.negotiate_format(accept, "array") == expected
+    assert native.negotiate_format(accept, "array") == expected
 
 
 def test_an_accept_that_allows_no_format_is_a_406_unless_the_body_names_one():
     error = rejection({"body": b"a cat"}, {"Content-Type": "text/plain", "Accept": "text/html"})
-    assert wire.status_of(error) == 406 and "image/png" in error.message
+    assert http.status_of(error) == 406 and "image/png" in error.message
     chosen = read(b'{"prompt": "a", "output_format": "png"}', Accept="text/html")
     assert chosen.output_format == "png"
 
@@ -83,7 +84,7 @@ def test_an_accept_that_allows_no_format_is_a_406_unless_the_body_names_one():
 def test_a_multipart_file_upload_is_read_as_the_image():
     photo = png(np.full((64, 80, 3), 200, dtype=np.uint8))
     row = {"prompt": b"a cat", "image": photo, "strength": b"0.5"}
-    request = wire.read_request(CONTRACT, row, {"Content-Type": "multipart/form-data; boundary=x"}).generation
+    request = read_native(CONTRACT, row, {"Content-Type": "multipart/form-data; boundary=x"}).generation
     assert request.task == "image-to-image" and request.image.size == (80, 64)
     assert np.asarray(request.image)[0, 0].tolist() == [200, 200, 200]
 
@@ -107,9 +108,9 @@ def test_huge_unknown_keys_are_not_echoed_back_whole():
     body = json.dumps({"prompt": "a", **{f"key{i}": 1 for i in range(200_000)}, "k" * 1_000_000: 1}).encode()
     error = rejection({"body": body}, {"Content-Type": "application/json"})
     assert error.reason == "unknown_field" and "more" in error.message
-    assert len(wire.error_body(error)) < 2000
+    assert len(native.error_body(error)) < 2000
 
 
 def test_an_explanation_request_is_a_501():
     error = rejection({"body": b"a cat"}, {"Content-Type": "text/plain", "explain": "True"})
-    assert wire.status_of(error) == 501 and "/predictions" in error.message
+    assert http.status_of(error) == 501 and "/predictions" in error.message
