@@ -1,4 +1,4 @@
-"""The AUTOMATIC1111 door in-process: A1111 bodies -> the contract, its GET routes, its answers and errors.
+"""The AUTOMATIC1111 API in-process: A1111 bodies -> the contract, its GET routes, its answers and errors.
 
 Field names, defaults and shapes come from A1111's own API (modules/api/models.py, api.py): txt2img/img2img
 bodies, ``{"images", "parameters", "info"}`` answers with ``info`` a JSON string, errors
@@ -59,7 +59,7 @@ def png_base64(array: np.ndarray) -> str:
     ("sdapi/v1/txt2img", "txt2img"), ("/sdapi/v1/sd-models/", "sd-models"), ("sdapi/v1", ""),
     ("v1/images/generations", None), ("", None), ("sdapi/v10/x", None),
 ])
-def test_only_url_paths_under_sdapi_v1_come_through_this_door(url_path, route):
+def test_only_url_paths_under_sdapi_v1_come_to_this_protocol(url_path, route):
     assert a1111.route_of(HttpRequest({}, {"url_path": url_path})) == route
 
 

@@ -1,4 +1,4 @@
-"""The AUTOMATIC1111 door through a real TorchServe: the ``webuiapi`` client, and Open WebUI's and SillyTavern's
+"""The AUTOMATIC1111 API through a real TorchServe: the ``webuiapi`` client, and Open WebUI's and SillyTavern's
 call sequences replayed with ``requests``.
 
 The sequences are read from the clients' source (open-webui backend/open_webui/routers/images.py;

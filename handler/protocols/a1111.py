@@ -7,9 +7,9 @@ tells them apart by the body: none is a GET.
 
 ``txt2img`` and ``img2img`` translate A1111's fields into the contract's and let ``Contract.parse`` judge them
 (every range and message comes from the contract; a failure names the field the client sent). Every A1111
-field is declared once in ``A1111_FIELDS`` with what this server does with it: mapped to a contract field,
-accepted at the values clients send by habit (A1111's defaults) and refused otherwise, or refused. The
-docs' field table is generated from that declaration. ``<lora:NAME:WEIGHT>`` in the prompt selects the
+field is declared once in ``A1111_FIELDS`` with what this server does with it: mapped to a contract field, or
+accepted at the values clients send by habit (A1111's defaults) and refused otherwise; any other field is
+refused. The docs' field table is generated from that declaration (scripts/gen_docs_tables.py). ``<lora:NAME:WEIGHT>`` in the prompt selects the
 model's packed LoRAs, as A1111's extra networks do. Answers: A1111's ``{"images", "parameters", "info"}``
 (``info`` a JSON string with seeds and infotexts) and its error shape ``{"error", "detail", "body", "errors"}``.
 """
@@ -42,7 +42,7 @@ from handler.protocols.http import (
 PREFIX = "sdapi/v1"
 TXT2IMG, IMG2IMG = "txt2img", "img2img"
 IMAGE_ROUTES = (TXT2IMG, IMG2IMG)
-CONTRACT_FORMAT = "json"  # asked of the contract on this door's behalf; the door encodes the PNG files itself
+CONTRACT_FORMAT = "json"  # asked of the contract on this API's behalf; the PNG files are encoded here
 LORA_TAG = re.compile(r"<lora:([^:<>]+)(?::([^:<>]*))?(?::[^<>]*)?>")
 MODEL_SUFFIXES = (".safetensors", ".ckpt")
 MAX_UNKNOWN_SHOWN = 5
@@ -405,7 +405,7 @@ class A1111Protocol(Protocol):
 
 @dataclass
 class RouteRejection(Rejection):
-    """A route or model this door does not serve: 404, as A1111 answers an unknown path or model."""
+    """A route or model this API does not serve: 404, as A1111 answers an unknown path or model."""
 
     status: int = 404
 
