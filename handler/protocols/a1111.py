@@ -9,8 +9,8 @@ tells them apart by the body: none is a GET.
 (every range and message comes from the contract; a failure names the field the client sent). Every A1111
 field is declared once in ``A1111_FIELDS`` with what this server does with it: mapped to a contract field, or
 accepted at the values clients send by habit (A1111's defaults) and refused otherwise; any other field is
-refused. The docs' field table is generated from that declaration (scripts/gen_docs_tables.py). ``<lora:NAME:WEIGHT>`` in the prompt selects the
-model's packed LoRAs, as A1111's extra networks do. Answers: A1111's ``{"images", "parameters", "info"}``
+refused. The docs' field table is generated from that declaration (scripts/gen_docs_tables.py).
+``<lora:NAME:WEIGHT>`` in the prompt selects the model's packed LoRAs, as A1111's extra networks do. Answers: A1111's ``{"images", "parameters", "info"}``
 (``info`` a JSON string with seeds and infotexts) and its error shape ``{"error", "detail", "body", "errors"}``.
 """
 
