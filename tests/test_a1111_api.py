@@ -165,6 +165,10 @@ def test_get_routes_answer_in_a1111s_shapes():
     progress = answer("progress")
     assert progress["progress"] == 0 and progress["state"]["job_count"] == 0  # what SillyTavern polls for
     assert answer("embeddings") == {"loaded": {}, "skipped": {}}
+    words = a1111.A1111Protocol(Contract(HandlerSettings(), ModelCapabilities(embeddings=("<cat-toy>",))),
+                                ServedModel("tiny-sd"))
+    call = words.read(HttpRequest({"body": b""}, {"url_path": "sdapi/v1/embeddings"}))
+    assert list(json.loads(words.respond(call, []).body)["loaded"]) == ["<cat-toy>"]
     with pytest.raises(Rejection) as caught:
         read("extra-single-image", {"image": ""})
     assert a1111.error_reply(caught.value).status == 404

@@ -203,7 +203,7 @@ class A1111Protocol(Protocol):
         super().__init__(contract, model)
         self.get_routes = {
             "sd-models": self._sd_models, "samplers": self._samplers, "schedulers": self._schedulers,
-            "options": self._options, "loras": self._loras, "embeddings": lambda: {"loaded": {}, "skipped": {}},
+            "options": self._options, "loras": self._loras, "embeddings": self._embeddings,
             "progress": _idle_progress, "sd-vae": lambda: [], "upscalers": _upscalers,
             "latent-upscale-modes": lambda: [], "cmd-flags": lambda: {}, "prompt-styles": lambda: [],
             "scripts": lambda: {"txt2img": [], "img2img": []},
@@ -365,6 +365,12 @@ class A1111Protocol(Protocol):
 
     def _options(self) -> dict:
         return options_of(self.model.name)
+
+    def _embeddings(self) -> dict:
+        """The model's packed textual-inversion words, which a prompt uses by name (as in A1111)."""
+        return {"loaded": {name: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None,
+                                  "vectors": None} for name in self.contract.capabilities.embeddings},
+                "skipped": {}}
 
     def _loras(self) -> list:
         return [{"name": name, "alias": name, "path": f"loras/{name}.safetensors", "metadata": {}}
