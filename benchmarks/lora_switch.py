@@ -44,9 +44,16 @@ class FusingSwitcher:
 
     def __init__(self, pipeline, files: dict):
         self.pipeline = pipeline
+        self.files = dict(files)
         for name, path in files.items():
             pipeline.load_lora_weights(str(path), adapter_name=name)
         self.fused = None
+
+    def short_hash(self, name: str) -> str:
+        """The images' metadata names each LoRA's hash, as the served LoraAdapters do."""
+        from handler.model.adapters import A1111_SHORT_HASH, addnet_hash
+
+        return addnet_hash(self.files[name])[:A1111_SHORT_HASH]
 
     def activate(self, selection) -> None:
         (name, scale), = selection

@@ -56,7 +56,7 @@ def requests_per_second(state: multinode.ClusterState, body: dict, count: int) -
 
 def measure(archive: Path, work: Path, nodes: int, body: dict, count: int, rounds: int) -> list[float]:
     progress(f"starting {nodes} node(s) behind nginx")
-    state = multinode.start(work / f"cluster-{nodes}", archive, nodes)
+    state = multinode.start(work / f"cluster-{nodes}", {MODEL: archive}, nodes)
     try:
         requests_per_second(state, body, CONCURRENCY)  # every worker has run once
         samples = []

@@ -118,11 +118,12 @@ def build_service(model_dir: Path, settings: HandlerSettings = HandlerSettings()
         reservations.mark_loaded(os.getpid())
     controlnets = load_controlnets(controlnet_folders(model_dir), placement)
     cuda_graphs = settings.torch_compile and settings.compile_mode == "reduce-overhead"
+    call_shapes = frozenset(warmup_buckets(settings, placement.device)) if cuda_graphs else None
     engine = GenerationEngine(pipeline, settings.max_batch_pixels, on_call=on_call,
                               safety_checker=settings.safety_checker, loras=loras,
                               prompt_encoder=prompt_encoder_for(pipeline, settings.prompt_syntax),
                               controlnets=controlnets,
-                              call_shapes=frozenset(warmup_buckets(settings, placement.device)) if cuda_graphs else None)
+                              call_shapes=call_shapes, model_name=model.name)  # the images' metadata names the model
     contract = Contract(settings, replace(
         capabilities_of(pipeline, engine.tasks), loras=loras.names if loras is not None else (),
         controlnets=tuple(controlnets), embeddings=embeddings,

@@ -1,4 +1,5 @@
-"""Several TorchServe nodes on one machine behind nginx, the local proof of scaling out (scripts/multinode.sh).
+"""Several TorchServe nodes on one machine behind nginx, the local proof of scaling out (scripts/multinode.sh),
+and the gateway that serves several models at one address.
 
 Each node is a LocalTorchServe in its own folder: its own loopback ports, logs, key file and java.io.tmpdir
 (worker sockets are ``.ts.sock.<port>`` files there; two servers sharing one collide). nginx (Debian's) is
@@ -11,6 +12,12 @@ for them), so no client key fits two nodes: nginx is the gateway that holds them
 (``gateway_key``, mode 0600, made here); nginx checks it and forwards each request through a small loopback
 server per node that adds that node's own inference key. A restarted node draws new keys, so restarting a
 node re-renders nginx.conf and reloads nginx.
+
+Every node serves every model (``--model NAME=ARCHIVE``, repeatable; by default the one archive as
+``stable_diffusion``). nginx's njs module (Debian's ``libnginx-mod-http-js``) routes by model at one address
+(harness/gateway.js): the OpenAI routes ``/v1/images/...`` by the body's ``model`` and ``GET /v1/models``;
+AUTOMATIC1111's ``/sdapi/v1/...`` by ``sd_model_checkpoint``. Clients send the gateway key as a Bearer token, or
+A1111 clients as the password of HTTP Basic.
 
 The state (ports, folders) lives in ``<run_dir>/state.json`` so that ``stop`` and ``restart-node`` work from
 another process.
@@ -26,6 +33,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 import psutil
 import requests
@@ -34,6 +42,10 @@ from harness.local_server import LocalTorchServe, free_ports, kill_processes
 
 MODEL = "stable_diffusion"
 NGINX_TIMEOUT_S = 600  # generations can take minutes; as TorchServe's default_response_timeout
+NJS_MODULE = Path("/usr/lib/nginx/modules/ngx_http_js_module.so")  # Debian's libnginx-mod-http-js
+GATEWAY_JS = Path(__file__).resolve().parent / "gateway.js"
+MAX_BODY = "32m"  # as TorchServe's max_request_size; bodies stay in memory so the gateway can read "model"
+MAX_ANSWER = "64m"  # as TorchServe's max_response_size: the gateway holds a routed answer whole
 
 
 @dataclass
@@ -46,10 +58,11 @@ class NodeState:
 class ClusterState:
     run_dir: str
     model_store: str
-    archive: str
+    models: dict  # model name -> archive file name in model_store
     port: int  # nginx: the address clients use
     gateway_ports: list  # one loopback nginx server per node, adding that node's key
     nodes: list
+    started: int = 0  # Unix time the gateway started (the models' "created" in GET /v1/models)
 
     def save(self) -> None:
         (Path(self.run_dir) / "state.json").write_text(json.dumps(asdict(self), indent=2))
@@ -66,7 +79,7 @@ class ClusterState:
     def node(self, index: int) -> LocalTorchServe:
         """Node ``index`` (0-based) as a LocalTorchServe on its recorded ports."""
         state = self.nodes[index]
-        server = LocalTorchServe(Path(state.folder), Path(self.model_store), {MODEL: self.archive})
+        server = LocalTorchServe(Path(state.folder), Path(self.model_store), dict(self.models))
         server.ports = dict(state.ports)
         server.pid = server._read_pid()
         return server
@@ -87,12 +100,24 @@ def nginx_binary() -> str:
     return found
 
 
-def nginx_config(state: ClusterState) -> str:
-    """nginx.conf for the cluster: the front server, then one key-adding server per node."""
+def njs_module() -> Path:
+    if not NJS_MODULE.exists():
+        raise RuntimeError(f"nginx's njs module is missing ({NJS_MODULE}): run scripts/setup.sh as root (it installs "
+                           "Debian's libnginx-mod-http-js), or apt-get install libnginx-mod-http-js")
+    return NJS_MODULE
+
+
+def nginx_config(state: ClusterState, down: Optional[int] = None) -> str:
+    """nginx.conf for the cluster: the front server, then one key-adding server per node.
+
+    ``down``: a node taken out of the upstream while it restarts: its new key is not in this file yet, so a
+    request sent there would be refused (TorchServe answers a stale key with 400); the others take its share.
+    """
     run = Path(state.run_dir)
-    keys = [state.node(index).keys()["inference"]["key"] for index in range(len(state.nodes))]
-    upstream = "".join(f"        server 127.0.0.1:{port} max_fails=1 fail_timeout=10s;\n"
-                       for port in state.gateway_ports)
+    keys = [state.node(index).keys()["inference"]["key"] if index != down else "restarting"
+            for index in range(len(state.nodes))]
+    upstream = "".join(f"        server 127.0.0.1:{port} max_fails=1 fail_timeout=10s{' down' * (index == down)};\n"
+                       for index, port in enumerate(state.gateway_ports))
     node_servers = "".join(f"""
     server {{
         listen 127.0.0.1:{gateway};
@@ -103,7 +128,13 @@ def nginx_config(state: ClusterState) -> str:
         }}
     }}
 """ for gateway, node, key in zip(state.gateway_ports, state.nodes, keys))
+    to_nodes = f"""proxy_pass http://nodes;
+            add_header X-Upstream $upstream_addr always;  # the node gateway(s) tried, in order
+            # A node that refuses, resets or dies mid-request (its gateway answers 502): try the next node.
+            proxy_next_upstream error timeout http_502 non_idempotent;
+            proxy_next_upstream_tries {len(state.nodes)};"""
     return f"""# Written by harness/multinode.py; rewritten when a node restarts (its keys change).
+load_module {njs_module()};
 user {getpass.getuser()};
 worker_processes 1;
 pid {run}/nginx.pid;
@@ -117,37 +148,48 @@ http {{
     fastcgi_temp_path {run}/nginx-tmp/fastcgi;
     uwsgi_temp_path {run}/nginx-tmp/uwsgi;
     scgi_temp_path {run}/nginx-tmp/scgi;
-    client_max_body_size 32m;
+    client_max_body_size {MAX_BODY};
+    client_body_buffer_size {MAX_BODY};
     proxy_read_timeout {NGINX_TIMEOUT_S}s;
     proxy_send_timeout {NGINX_TIMEOUT_S}s;
     proxy_buffering off;  # streams (NDJSON progress) go out as they come
+    js_import gateway from {GATEWAY_JS};
 
     upstream nodes {{
 {upstream}    }}
 
     server {{
         listen 127.0.0.1:{state.port};
+        set $gateway_key "{state.gateway_key()}";
+        set $gateway_models "{",".join(state.models)}";
+        set $gateway_started "{state.started}";
+        set $gateway_state "{run}/a1111_model";
         location / {{
-            if ($http_authorization != "Bearer {state.gateway_key()}") {{
+            if ($http_authorization != "Bearer $gateway_key") {{
                 return 401 '{{"error": "send the gateway key: Authorization: Bearer <{run}/gateway_key>"}}';
             }}
-            proxy_pass http://nodes;
-            add_header X-Upstream $upstream_addr always;  # the node gateway(s) tried, in order
-            # A node that refuses, resets or dies mid-request (its gateway answers 502): try the next node.
-            proxy_next_upstream error timeout http_502 non_idempotent;
-            proxy_next_upstream_tries {len(state.nodes)};
+            {to_nodes}
+        }}
+        location = /v1/models {{ js_content gateway.openaiModels; }}
+        location ~ ^/v1/images/(generations|edits)$ {{ js_content gateway.openaiImages; }}
+        location ^~ /sdapi/v1/ {{ js_content gateway.a1111; }}
+        location ^~ /_node/ {{  # the gateway's routed requests, to /predictions/{{model}}/1.0/...
+            internal;
+            rewrite ^/_node/(.*)$ /predictions/$1 break;
+            subrequest_output_buffer_size {MAX_ANSWER};
+            {to_nodes}
         }}
     }}
 {node_servers}}}
 """
 
 
-def write_and_reload_nginx(state: ClusterState, start: bool) -> None:
+def write_and_reload_nginx(state: ClusterState, start: bool, down: Optional[int] = None) -> None:
     run = Path(state.run_dir)
     for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (run / "nginx-tmp" / name).mkdir(parents=True, exist_ok=True)
     conf = run / "nginx.conf"
-    conf.write_text(nginx_config(state))
+    conf.write_text(nginx_config(state, down))
     conf.chmod(0o600)  # it holds the nodes' keys
     command = [nginx_binary(), "-p", str(run), "-c", str(conf)]
     subprocess.run(command + ["-t", "-q"], check=True)
@@ -161,17 +203,24 @@ def nginx_pid(state: ClusterState):
         return None
 
 
-def start(run_dir: Path, archive: Path, nodes: int, port: int = 0) -> ClusterState:
-    """Start ``nodes`` TorchServe nodes serving ``archive`` and nginx in front; returns the cluster's state."""
+def start(run_dir: Path, models: dict[str, Path], nodes: int, port: int = 0) -> ClusterState:
+    """Start ``nodes`` TorchServe nodes serving ``models`` (name -> archive, all in one folder) and nginx in front;
+    returns the cluster's state."""
+    stores = {archive.resolve().parent for archive in models.values()}
+    if len(stores) != 1:
+        raise ValueError(f"every archive must be in one model store folder (TorchServe reads one), got "
+                         f"{sorted(stores)}")
+    njs_module()
     run_dir = run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     key_file = run_dir / "gateway_key"
     key_file.write_text(secrets.token_urlsafe(24) + "\n")
     key_file.chmod(0o600)
     front, *gateways = free_ports(1 + nodes)
-    state = ClusterState(str(run_dir), str(archive.resolve().parent), archive.name, port or front, gateways, [])
+    state = ClusterState(str(run_dir), str(stores.pop()), {name: archive.name for name, archive in models.items()},
+                         port or front, gateways, [], int(time.time()))
     for index in range(nodes):
-        server = LocalTorchServe(run_dir / f"node{index + 1}", archive.resolve().parent, {MODEL: archive.name})
+        server = LocalTorchServe(run_dir / f"node{index + 1}", Path(state.model_store), dict(state.models))
         state.nodes.append(NodeState(str(server.folder), server.ports))
     state.save()
     servers = [state.node(index) for index in range(nodes)]
@@ -186,8 +235,8 @@ def start(run_dir: Path, archive: Path, nodes: int, port: int = 0) -> ClusterSta
             stop(state)
             raise
     write_and_reload_nginx(state, start=True)
-    log(f"nginx on {state.url} in front of {nodes} node(s); clients send Authorization: Bearer "
-        f"$(cat {key_file})")
+    log(f"nginx on {state.url} in front of {nodes} node(s) serving {', '.join(state.models)}; clients send "
+        f"Authorization: Bearer $(cat {key_file}) (A1111 clients: HTTP Basic with that key as the password)")
     return state
 
 
@@ -199,11 +248,14 @@ def kill_node(state: ClusterState, index: int) -> None:
 
 
 def restart_node(state: ClusterState, index: int) -> None:
-    """Start node ``index`` again on its ports, then give nginx its new key."""
+    """Start node ``index`` again on its ports, then give nginx its new key. Until then nginx holds the node out
+    of the upstream: the restarted node draws a new key, and a request forwarded with the old one would get a 400."""
     node = state.node(index)
     if node.processes():
         raise RuntimeError(f"node {index + 1} is still running")
-    log(f"restarting node {index + 1} on 127.0.0.1:{node.ports['inference']}")
+    write_and_reload_nginx(state, start=False, down=index)
+    log(f"restarting node {index + 1} on 127.0.0.1:{node.ports['inference']} (nginx sends its requests to the "
+        "other nodes meanwhile)")
     node.start(timeout=300)
     write_and_reload_nginx(state, start=False)
     log(f"node {index + 1} is back behind nginx")
@@ -229,13 +281,21 @@ def status(state: ClusterState) -> dict:
     for index in range(len(state.nodes)):
         node = state.node(index)
         nodes.append({"node": index + 1, "inference": node.inference_url,
-                      "ready_workers": node.ready_workers(MODEL) if node.processes() else 0})
+                      "ready_workers": {name: node.ready_workers(name) if node.processes() else 0
+                                        for name in state.models}})
     try:
         front = requests.get(f"{state.url}/ping", headers={"Authorization": f"Bearer {state.gateway_key()}"},
                              timeout=5).status_code
     except requests.RequestException:
         front = None
-    return {"url": state.url, "ping_through_nginx": front, "nodes": nodes}
+    return {"url": state.url, "models": list(state.models), "ping_through_nginx": front, "nodes": nodes}
+
+
+def model_argument(parser: argparse.ArgumentParser, value: str) -> tuple[str, Path]:
+    name, separator, archive = value.partition("=")
+    if not separator or not name or "," in name or "/" in name or '"' in name:
+        parser.error(f"--model takes NAME=ARCHIVE (a name without commas, slashes or quotes), got {value!r}")
+    return name, Path(archive)
 
 
 def main(argv=None) -> int:
@@ -244,7 +304,10 @@ def main(argv=None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     begin = commands.add_parser("start", help="start the nodes and nginx")
     begin.add_argument("--nodes", type=int, default=2)
-    begin.add_argument("--archive", type=Path, default=Path("model_store/stable_diffusion.mar"))
+    begin.add_argument("--archive", type=Path, default=Path("model_store/stable_diffusion.mar"),
+                       help=f"the one model, served as {MODEL} (without --model)")
+    begin.add_argument("--model", action="append", default=[], metavar="NAME=ARCHIVE",
+                       help="a model to serve under NAME (repeat for several; the archives in one folder)")
     begin.add_argument("--port", type=int, default=0, help="nginx's port on 127.0.0.1 (default: a free one)")
     commands.add_parser("stop", help="stop nginx and every node")
     commands.add_parser("status", help="print the nodes' state as JSON")
@@ -253,9 +316,11 @@ def main(argv=None) -> int:
         command.add_argument("node", type=int, help="1-based")
     args = parser.parse_args(argv)
     if args.command == "start":
-        if not args.archive.is_file():
-            parser.error(f"no archive at {args.archive}: build one with ./build_mar.sh --tiny")
-        state = start(args.run_dir, args.archive, args.nodes, args.port)
+        models = dict(model_argument(parser, value) for value in args.model) or {MODEL: args.archive}
+        for archive in models.values():
+            if not archive.is_file():
+                parser.error(f"no archive at {archive}: build one with ./build_mar.sh --tiny")
+        state = start(args.run_dir, models, args.nodes, args.port)
         print(json.dumps(status(state), indent=2))
         return 0
     state = ClusterState.load(args.run_dir)

@@ -9,7 +9,9 @@ Each table sits in its page between ``<!-- generated: NAME -->`` and ``<!-- end 
   of the tiny SD 1 model;
 - ``settings`` (docs/configuration.md): every ``handler:`` setting of model-config.yaml, its default from the
   ``HandlerSettings`` dataclass and its meaning from the docstring under it;
-- ``openai-fields`` (docs/openai.md): every OpenAI field the OpenAI door knows and what it does with it.
+- ``openai-fields`` (docs/openai.md): every OpenAI field the OpenAI door knows and what it does with it;
+- ``a1111-fields`` (docs/a1111-clients.md): every AUTOMATIC1111 txt2img/img2img field the A1111 protocol knows
+  and what it does with it.
 
 This script is build tooling: it lives outside ``handler/`` so that no archive ships it.
 """
@@ -26,7 +28,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from handler.core.contract import Contract  # noqa: E402  (the repository root must be on sys.path first)
 from handler.core.settings import HandlerSettings  # noqa: E402
-from handler.protocols import native, openai as openai_api  # noqa: E402
+from handler.protocols import a1111, native, openai as openai_api  # noqa: E402
 
 DOCS = REPO_ROOT / "docs"
 BLOCK = re.compile(r"(<!-- generated: (?P<name>[\w-]+) -->\n).*?(<!-- end generated -->)", re.DOTALL)
@@ -84,7 +86,19 @@ def openai_fields_table() -> str:
     return markdown_table(("OpenAI field", "endpoints", "what this server does"), rows)
 
 
-TABLES = {"api-fields": api_fields_table, "settings": settings_table, "openai-fields": openai_fields_table}
+def a1111_fields_table() -> str:
+    def route(spec, name):
+        return "yes" if name in spec.routes else "-"
+
+    rows = [(f"`{spec.name}`", route(spec, a1111.TXT2IMG), route(spec, a1111.IMG2IMG), f"{spec.handling}: {spec.note}")
+            for spec in a1111.A1111_FIELDS]
+    rows.append((", ".join(f"`{name}`" for name in a1111.HIRES_FIELDS), "yes", "-",
+                 "ignored: A1111 reads them only with enable_hr, which is refused"))
+    return markdown_table(("field", "txt2img", "img2img", "handling"), rows)
+
+
+TABLES = {"api-fields": api_fields_table, "settings": settings_table, "openai-fields": openai_fields_table,
+          "a1111-fields": a1111_fields_table}
 
 
 def generated_pages() -> dict[Path, str]:

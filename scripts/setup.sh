@@ -25,14 +25,19 @@ if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
   exit 1
 fi
 
-# nginx: the load balancer of scripts/multinode.sh and of its serving test (which fails without it).
-if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+# nginx and its njs module: the load balancer and gateway of scripts/multinode.sh (one address for several models)
+# and of their serving tests (which fail without them).
+njs=/usr/lib/nginx/modules/ngx_http_js_module.so
+if { ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; } || [ ! -f "$njs" ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "setup: installing Debian's nginx (the load balancer of scripts/multinode.sh)"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx
+    echo "setup: installing Debian's nginx and its njs module (the gateway of scripts/multinode.sh)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx \
+      libnginx-mod-http-js
   else
-    echo "setup: WARNING: nginx is missing and cannot be installed here (needs root and apt-get);" \
-         "tests/test_serving_multinode.py will fail until it is installed (Debian/Ubuntu: apt-get install nginx)" >&2
+    echo "setup: WARNING: nginx or its njs module is missing and cannot be installed here" \
+         "(needs root and apt-get);" \
+         "tests/test_serving_multinode.py and tests/test_serving_gateway.py will fail until they are installed" \
+         "(Debian/Ubuntu: apt-get install nginx libnginx-mod-http-js)" >&2
   fi
 fi
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from handler.core.contract import Contract
-from handler.core.encoding import EXIF_IMAGE_DESCRIPTION, OUTPUT_FORMATS, array_json, encode_images
+from handler.core.encoding import EXIF_IMAGE_DESCRIPTION, OUTPUT_FORMATS, PNG_JSON_KEY, array_json, encode_images
 from handler.core.generation import GenerationResult
 from handler.core.settings import HandlerSettings
 from helpers import native_body
@@ -109,7 +109,7 @@ def test_png_body_and_metadata():
     picture = Image.open(io.BytesIO(response))
     assert picture.format == "PNG"
     assert np.array_equal(np.asarray(picture.convert("RGB")), images[0])
-    metadata_is_the_request(picture.text["parameters"], request, 1234)
+    metadata_is_the_request(picture.text[PNG_JSON_KEY], request, 1234)
 
 
 @pytest.mark.parametrize("output_format", ["jpeg", "webp"])
@@ -159,7 +159,7 @@ def test_json_format(num_images):
         picture = Image.open(io.BytesIO(base64.b64decode(text, validate=True)))
         assert picture.format == "PNG"
         assert np.array_equal(np.asarray(picture.convert("RGB")), image)
-        metadata_is_the_request(picture.text["parameters"], request, seed)
+        metadata_is_the_request(picture.text[PNG_JSON_KEY], request, seed)
 
 
 def test_image_to_image_metadata_carries_strength():
@@ -168,7 +168,7 @@ def test_image_to_image_metadata_carries_strength():
         "image": base64.b64encode(png_of(random_images((64, 72, 3)))).decode()}).generation
     images = random_images((1, request.height, request.width, 3))
     response = encoded(request, images, "png")
-    parsed = json.loads(Image.open(io.BytesIO(response)).text["parameters"])
+    parsed = json.loads(Image.open(io.BytesIO(response)).text[PNG_JSON_KEY])
     assert parsed["task"] == "image-to-image"
     assert parsed["strength"] == 0.4
     assert parsed["seed"] == 9

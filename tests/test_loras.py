@@ -1,7 +1,9 @@
 """LoRA in-process: the tiny adapters of each family, switching and unloading, the contract's loras field, and
 build_mar.sh refusing files that do not fit (LoRAs and VAEs), all on tiny random pipelines built here."""
 
+import hashlib
 import json
+import re
 import subprocess
 import sys
 import zipfile
@@ -257,3 +259,22 @@ def test_build_mar_swaps_the_vae_and_refuses_one_of_another_family(family_folder
     refused = build_mar(tmp_path, "--tiny", "--name", "wrong", "--vae", family_folders["flux"][0] / "vae")
     assert refused.returncode != 0
     assert "its latent_channels is 16, the pipeline's VAE has 4" in refused.stderr
+
+
+def test_results_name_the_model_and_each_lora_by_a1111s_hash(family_folders):
+    """The images' metadata (A1111's ``Model`` and ``Lora hashes``): the hash is SHA-256 of the file's tensor
+    data after its header, so rewriting the header's metadata keeps it and other weights change it."""
+    folder, loras = family_folders["sd1"]
+    pipeline = load_pipeline(folder, Placement("cpu", torch.float32))
+    engine = GenerationEngine(pipeline, 10**8, loras=LoraAdapters(pipeline, loras, 4), model_name="tiny-sd")
+    request = GenerationRequest(prompt="a cat", negative_prompt=None, num_inference_steps=1, guidance_scale=3.5,
+                                width=64, height=64, seeds=(1,), scheduler=None, loras=(("a", 1.0), ("b", 0.5)))
+    (result,) = engine.generate([request])
+    parameters = result.parameters()
+    assert parameters["model"] == "tiny-sd"
+    hashes = parameters["lora_hashes"]
+    assert set(hashes) == {"a", "b"} and all(re.fullmatch(r"[0-9a-f]{12}", value) for value in hashes.values())
+    assert hashes["a"] != hashes["b"]
+    raw = loras["a"].read_bytes()
+    header_length = int.from_bytes(raw[:8], "little")
+    assert hashes["a"] == hashlib.sha256(raw[8 + header_length:]).hexdigest()[:12]

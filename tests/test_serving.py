@@ -49,7 +49,7 @@ def test_accept_png_returns_a_png_with_its_parameters(torchserve):
     assert r.status_code == 200 and r.headers["Content-Type"] == "image/png"
     image = Image.open(io.BytesIO(r.content))
     assert image.format == "PNG" and image.size == (64, 64)
-    assert json.loads(image.text["parameters"])["seed"] == 3
+    assert json.loads(image.text["generation"])["seed"] == 3
 
 
 @pytest.mark.parametrize("body, headers, expected", [
@@ -126,7 +126,7 @@ def test_the_client_saves_images_and_prints_seeds(torchserve, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "fox-0.png  seed=7" in printed and "fox-1.png  seed=8" in printed
     saved = Image.open(tmp_path / "fox-1.png")
-    assert saved.size == (64, 64) and json.loads(saved.text["parameters"])["seed"] == 8
+    assert saved.size == (64, 64) and json.loads(saved.text["generation"])["seed"] == 8
     assert main(["a fox", "--width", "65", "--url", torchserve.inference_url, "--token-file", str(token_file)]) == 1
     assert "width must be a multiple of 8" in capsys.readouterr().err
 

@@ -67,7 +67,7 @@ def test_edit_with_an_openai_mask_is_the_native_inpainting_with_the_white_mask(t
         prompt="a cat", size="64x64", output_format="png", extra_body={"seed": 9, "strength": 1.0, **STEPS})
     (image,) = result.data
     edited = Image.open(io.BytesIO(base64.b64decode(image.b64_json)))
-    assert edited.size == (64, 64) and json.loads(edited.text["parameters"])["task"] == "inpainting"
+    assert edited.size == (64, 64) and json.loads(edited.text["generation"])["task"] == "inpainting"
 
     white_mask = np.zeros((64, 64), dtype=np.uint8)
     white_mask[16:48, 16:48] = 255

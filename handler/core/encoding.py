@@ -15,9 +15,15 @@ from typing import Optional
 import numpy as np
 from PIL import Image, PngImagePlugin
 
+from handler.core.infotext import infotext
+
 OUTPUT_FORMATS = ("array", "png", "jpeg", "webp", "npy", "json")
 SINGLE_IMAGE_FORMATS = ("png", "jpeg", "webp")  # image files: one image each
 EXIF_IMAGE_DESCRIPTION = 0x010E
+EXIF_IFD, EXIF_USER_COMMENT = 0x8769, 0x9286
+USER_COMMENT_UNICODE = b"UNICODE\x00"  # EXIF's character code for UCS-2 text, as A1111 (piexif) writes it
+PNG_INFOTEXT_KEY = "parameters"  # the key AUTOMATIC1111, civitai and image browsers read
+PNG_JSON_KEY = "generation"  # this server's own JSON of the parameters
 JPEG_QUALITY = 90
 WEBP_QUALITY = 90
 
@@ -88,23 +94,27 @@ def result_document(images: np.ndarray, image_format: str, seeds: list[int], par
 
 
 def image_file(image: np.ndarray, output_format: str, parameters: dict, seed: int) -> bytes:
-    """One image as PNG, JPEG or WebP bytes, with the parameters that make it again in its metadata.
+    """One image as PNG, JPEG or WebP bytes, with the parameters that make it again in its metadata, twice:
+    as this server's JSON and as AUTOMATIC1111's infotext (which A1111's PNG Info and civitai read).
 
-    PNG gets a ``parameters`` text chunk (JSON); JPEG and WebP get the same JSON as the EXIF
-    ImageDescription.
+    PNG: text chunks ``generation`` (JSON) and ``parameters`` (infotext). JPEG and WebP: EXIF
+    ImageDescription (JSON) and EXIF UserComment (infotext, UCS-2 big-endian as A1111 writes it).
     """
     metadata = json.dumps({**{k: v for k, v in parameters.items() if k != "seeds"}, "seed": seed})
+    text = infotext(parameters, seed)
     picture = Image.fromarray(image)
     buffer = io.BytesIO()
     if output_format == "png":
         info = PngImagePlugin.PngInfo()
-        info.add_text("parameters", metadata)
+        info.add_text(PNG_JSON_KEY, metadata)
+        info.add_text(PNG_INFOTEXT_KEY, text)  # Pillow writes iTXt (UTF-8) where Latin-1 cannot hold the text
         # Run-length deflate after PNG's row filters: a third faster than level-1 deflate at about the same
         # size, which matters when encoding is a visible share of a GPU generation.
         picture.save(buffer, format="PNG", pnginfo=info, compress_level=1, compress_type=zlib.Z_RLE)
     else:
         exif = Image.Exif()
         exif[EXIF_IMAGE_DESCRIPTION] = metadata
+        exif.get_ifd(EXIF_IFD)[EXIF_USER_COMMENT] = USER_COMMENT_UNICODE + text.encode("utf-16-be")
         quality = JPEG_QUALITY if output_format == "jpeg" else WEBP_QUALITY
         picture.save(buffer, format=output_format.upper(), quality=quality, exif=exif.tobytes())
     return buffer.getvalue()

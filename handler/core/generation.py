@@ -37,6 +37,8 @@ class GenerationResult:
     timings_ms: dict[str, float] = field(default_factory=dict)
     nsfw: Optional[list[bool]] = None
     scheduler: Optional[str] = None  # the scheduler that ran, by its request name
+    model: Optional[str] = None  # the served model's name (image metadata: A1111's "Model")
+    lora_hashes: dict[str, str] = field(default_factory=dict)  # LoRA name -> A1111's short hash of its file
 
     def parameters(self) -> dict[str, Any]:
         """The generation parameters a client needs to make the same images again."""
@@ -54,8 +56,12 @@ class GenerationResult:
         }
         if request.strength is not None:
             parameters["strength"] = request.strength
+        if self.model is not None:
+            parameters["model"] = self.model
         if request.loras:
             parameters["loras"] = [{"name": name, "scale": scale} for name, scale in request.loras]
+        if self.lora_hashes:
+            parameters["lora_hashes"] = dict(self.lora_hashes)
         if request.prompt_translated is not None:
             parameters["prompt_translated"] = request.prompt_translated
         if request.negative_prompt_translated is not None:
@@ -90,14 +96,15 @@ class GenerationEngine:
     def __init__(self, pipeline, max_batch_pixels: int,
                  on_call: Optional[Callable[[int, int, float], None]] = None, safety_checker: bool = True,
                  loras=None, prompt_encoder: Optional[PromptEncoder] = None, controlnets: Optional[dict] = None,
-                 call_shapes: Optional[frozenset] = None):
+                 call_shapes: Optional[frozenset] = None, model_name: Optional[str] = None):
         """``on_call(images, pixel_steps, seconds)`` is told about every successful pipeline call (metrics).
         ``safety_checker=False`` runs a pipeline that has one without it (an operator's choice).
         ``loras``: the LoraAdapters (handler/model/adapters.py) that switch LoRA sets per call, if any.
         ``prompt_encoder``: reads prompts in a weighting syntax, long ones in chunks (None: the pipeline's text).
         ``controlnets``: the loaded ControlNet models by name, for requests that name them.
         ``call_shapes``, a set of (width, height, images), bounds the calls to those shapes (CUDA graphs keep
-        one recording per shape, so an unbounded set of shapes would use unbounded memory)."""
+        one recording per shape, so an unbounded set of shapes would use unbounded memory).
+        ``model_name``: the served model's name, which results carry into the images' metadata."""
         from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
 
         pipeline.set_progress_bar_config(disable=True)
@@ -107,6 +114,7 @@ class GenerationEngine:
         self.loras = loras
         self.prompt_encoder = prompt_encoder
         self.call_shapes = call_shapes
+        self.model_name = model_name
         self._schedulers = SchedulerFactory(pipeline.scheduler)
         self._default_scheduler = scheduler_name_of(pipeline.scheduler)
         self._previewer = None  # fitted on the first request that asks for previews
@@ -228,9 +236,15 @@ class GenerationEngine:
             results.append(GenerationResult(request, images[offset:offset + count],
                                             {"pipeline": elapsed_ms, "batch_images": len(images)},
                                             nsfw[offset:offset + count] if nsfw is not None else None,
-                                            request.scheduler or self._default_scheduler))
+                                            request.scheduler or self._default_scheduler, self.model_name,
+                                            self._lora_hashes(request)))
             offset += count
         return results
+
+    def _lora_hashes(self, request: GenerationRequest) -> dict[str, str]:
+        if not request.loras or self.loras is None:
+            return {}
+        return {name: self.loras.short_hash(name) for name, _ in request.loras}
 
     def _each_alone(self, batch: list[tuple[int, GenerationRequest]], on_progress, received: float) -> list:
         return [outcome for member in batch for outcome in self._run_group([member], on_progress, received)]

@@ -6,13 +6,15 @@ what makes a Stable Diffusion 2 v-prediction model keep working under any of the
 """
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import diffusers
 
 
 DISCRETE = "discrete"
 FLOW_MATCHING = "flow_matching"
+# AUTOMATIC1111's schedule types (its ``scheduler`` field) that these choices use: "Automatic" is the sampler's own.
+AUTOMATIC, KARRAS, UNIFORM = "Automatic", "Karras", "Uniform"
 
 
 @dataclass(frozen=True)
@@ -24,22 +26,80 @@ class SchedulerChoice:
     """
 
     class_name: str
+    a1111: tuple[str, str]  # AUTOMATIC1111's sampler name and schedule type that run the same sampler
     overrides: dict[str, Any] = field(default_factory=dict)
     kind: str = DISCRETE
 
 
 SCHEDULERS: dict[str, SchedulerChoice] = {
-    "ddim": SchedulerChoice("DDIMScheduler"),
-    "pndm": SchedulerChoice("PNDMScheduler", {"skip_prk_steps": True}),
-    "euler": SchedulerChoice("EulerDiscreteScheduler"),
-    "euler_a": SchedulerChoice("EulerAncestralDiscreteScheduler"),
-    "dpmpp_2m": SchedulerChoice("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": False}),
-    "dpmpp_2m_karras": SchedulerChoice("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
-    "unipc": SchedulerChoice("UniPCMultistepScheduler"),
-    "lms": SchedulerChoice("LMSDiscreteScheduler"),
-    "heun": SchedulerChoice("HeunDiscreteScheduler"),
-    "flow_match_euler": SchedulerChoice("FlowMatchEulerDiscreteScheduler", kind=FLOW_MATCHING),
+    "ddim": SchedulerChoice("DDIMScheduler", ("DDIM", AUTOMATIC)),
+    "pndm": SchedulerChoice("PNDMScheduler", ("PLMS", AUTOMATIC), {"skip_prk_steps": True}),
+    "euler": SchedulerChoice("EulerDiscreteScheduler", ("Euler", AUTOMATIC)),
+    "euler_a": SchedulerChoice("EulerAncestralDiscreteScheduler", ("Euler a", AUTOMATIC)),
+    # AUTOMATIC1111's DPM++ 2M runs the Karras schedule unless told otherwise (its "Automatic" is Karras).
+    "dpmpp_2m": SchedulerChoice("DPMSolverMultistepScheduler", ("DPM++ 2M", UNIFORM),
+                                {"algorithm_type": "dpmsolver++", "use_karras_sigmas": False}),
+    "dpmpp_2m_karras": SchedulerChoice("DPMSolverMultistepScheduler", ("DPM++ 2M", KARRAS),
+                                       {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+    "unipc": SchedulerChoice("UniPCMultistepScheduler", ("UniPC", AUTOMATIC)),
+    "lms": SchedulerChoice("LMSDiscreteScheduler", ("LMS", AUTOMATIC)),
+    "heun": SchedulerChoice("HeunDiscreteScheduler", ("Heun", AUTOMATIC)),
+    "flow_match_euler": SchedulerChoice("FlowMatchEulerDiscreteScheduler", ("Euler", AUTOMATIC), kind=FLOW_MATCHING),
 }
+# The schedule type AUTOMATIC1111 runs when a request leaves it at "Automatic", where it is not "Automatic".
+A1111_DEFAULT_SCHEDULE = {"DPM++ 2M": KARRAS}
+# AUTOMATIC1111's other spellings of its sampler names (its sd_samplers aliases).
+A1111_SAMPLER_ALIASES = {
+    "Euler a": ("k_euler_a", "k_euler_ancestral"), "Euler": ("k_euler",), "LMS": ("k_lms",), "Heun": ("k_heun",),
+    "DPM++ 2M": ("k_dpmpp_2m",), "DDIM": ("ddim",), "PLMS": ("plms",), "UniPC": ("unipc",),
+}
+# Its schedule types by name and label (its /sdapi/v1/schedulers list), for the ones these choices use.
+A1111_SCHEDULES = {AUTOMATIC: "automatic", KARRAS: "karras", UNIFORM: "uniform"}
+
+
+def a1111_samplers(available: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """AUTOMATIC1111's sampler names that the ``available`` choices run -> their aliases, in A1111's order."""
+    names = [SCHEDULERS[name].a1111[0] for name in available]
+    return {name: A1111_SAMPLER_ALIASES.get(name, ()) for name in dict.fromkeys(names)}
+
+
+def from_a1111(sampler: str, schedule: Optional[str], available: tuple[str, ...]) -> Optional[str]:
+    """The choice that runs A1111's ``sampler`` (a name, an alias, or an old name with its schedule such as
+    ``DPM++ 2M Karras``) with ``schedule`` (a schedule type's name or label; None or Automatic: the sampler's
+    own), among ``available``; None when none does."""
+    wanted, given = sampler.strip().lower(), (schedule or AUTOMATIC).strip().lower()
+    label = next((label for label, name in A1111_SCHEDULES.items() if given in (label.lower(), name)), None)
+    if label is None:
+        return None
+    suffix = " " + KARRAS.lower()  # the names before A1111 1.9 carried the Karras schedule
+    if wanted.endswith(suffix) and label in (AUTOMATIC, KARRAS):
+        wanted, label = wanted[:-len(suffix)], KARRAS
+    for name in available:
+        a1111_name, a1111_schedule = SCHEDULERS[name].a1111
+        if wanted in (a1111_name.lower(), *A1111_SAMPLER_ALIASES.get(a1111_name, ())):
+            runs = A1111_DEFAULT_SCHEDULE.get(a1111_name, AUTOMATIC) if label == AUTOMATIC else label
+            if runs == a1111_schedule:
+                return name
+    return None
+
+
+def a1111_sampler_label(name: str) -> str:
+    """How AUTOMATIC1111's infotext names a choice: ``dpmpp_2m_karras`` -> ``DPM++ 2M Karras`` (the old-style
+    name with the schedule, which A1111 and civitai read back)."""
+    choice = SCHEDULERS.get(name)
+    if choice is None:  # a scheduler the pipeline came with, named by its class
+        return name
+    sampler, schedule = choice.a1111
+    return sampler if schedule in (AUTOMATIC, UNIFORM) else f"{sampler} {schedule}"
+
+
+def a1111_schedule_type(name: str):
+    """The infotext's ``Schedule type`` where the sampler name alone would make A1111 run another schedule."""
+    choice = SCHEDULERS.get(name)
+    if choice is None:
+        return None
+    sampler, schedule = choice.a1111
+    return schedule if schedule == UNIFORM and A1111_DEFAULT_SCHEDULE.get(sampler) else None
 
 
 def scheduler_kind(scheduler) -> str:

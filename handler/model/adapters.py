@@ -14,6 +14,7 @@ With ``hotswap`` (used with ``torch_compile``), the model holds fixed adapter sl
 adapters' weights in memory rather than in the model.
 """
 
+import hashlib
 import logging
 import re
 import time
@@ -27,6 +28,7 @@ logger = logging.getLogger(__name__)
 PACKAGED_FOLDER = "loras"  # inside the model folder: what build_mar.sh --lora packs
 LORA_SUFFIX = ".safetensors"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+A1111_SHORT_HASH = 12  # hex digits of a LoRA's hash that A1111's infotext shows
 MAX_REASON = 600  # characters of a loader error shown in a refusal
 # diffusers reports adapter weights that match no module as a warning, not an error: those make a refusal too.
 UNMATCHED_WARNINGS = ("unexpected keys", "missing keys")
@@ -134,10 +136,17 @@ class LoraAdapters:
         self._slot_of: dict[str, str] = {}  # hotswap: adapter name -> slot holding it
         self._natural_scaling: dict[str, dict[int, float]] = {}  # hotswap: slot -> layer id -> alpha / rank
         self.switches = 0
+        self._hashes: dict[str, str] = {}
 
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(sorted(self.files))
+
+    def short_hash(self, name: str) -> str:
+        """AUTOMATIC1111's short hash of a LoRA file (its ``Lora hashes`` infotext entry), computed once."""
+        if name not in self._hashes:
+            self._hashes[name] = addnet_hash(self.files[name])[:A1111_SHORT_HASH]
+        return self._hashes[name]
 
     def check_all(self) -> list[str]:
         """Check every file against the pipeline at start-up; drop (and log) those that do not fit.
@@ -280,6 +289,18 @@ def rank_of(path: Path) -> int:
         ranks = [weights.get_slice(key).get_shape()[0] for key in weights.keys()
                  if key.endswith(("lora_A.weight", "lora_down.weight", "lora.down.weight"))]
     return max(ranks, default=1)
+
+
+def addnet_hash(path: Path) -> str:
+    """SHA-256 of a safetensors file's tensor data (everything after its JSON header), as AUTOMATIC1111 and
+    civitai hash LoRAs: editing the header's metadata keeps the hash."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        header_length = int.from_bytes(file.read(8), "little")
+        file.seek(8 + header_length)
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def serve_loras(pipeline, files: dict[str, Path], max_loras: int, max_loaded: int,

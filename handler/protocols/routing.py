@@ -8,7 +8,7 @@ requests are known by their bodies. The first rule that matches wins; a request 
 from typing import Callable
 
 from handler.core.contract import Contract
-from handler.protocols import kserve, native, openai
+from handler.protocols import a1111, kserve, native, openai
 from handler.protocols.http import HttpRequest, Protocol, ServedModel
 
 
@@ -20,6 +20,7 @@ def under_route(prefix: str) -> Callable[[HttpRequest], bool]:
 # (the protocol, the rule that sends a request to it): one line per protocol, tried in this order.
 ROUTES: tuple[tuple[type[Protocol], Callable[[HttpRequest], bool]], ...] = (
     (openai.OpenAIProtocol, under_route(openai.PREFIX)),
+    (a1111.A1111Protocol, under_route(a1111.PREFIX)),
     (kserve.KServeProtocol, kserve.is_kserve),
 )
 FALLBACK: type[Protocol] = native.NativeProtocol
