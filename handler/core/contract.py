@@ -682,8 +682,8 @@ class Contract:
         multiple, settings = self.capabilities.size_multiple, self.settings
         side = (image.width if name == "width" else image.height) // multiple * multiple
         if not settings.min_side <= side <= settings.max_side:
-            raise invalid("width", f"the input image's {name} ({side}) is outside {settings.min_side} .. "
-                          f"{settings.max_side}; pass width and height to resize it")
+            raise invalid("image", f"the input image's {name} ({side}) is outside {settings.min_side} .. "
+                          f"{settings.max_side}; {RESIZE_HINT}")
         return side
 
     def _check_pixels(self, width: int, height: int, num_images: int) -> None:
@@ -731,6 +731,10 @@ class Contract:
                 allowed += "; needs " + ", ".join(spec.requires)
             rows.append((name, str(spec.default), allowed, spec.description))
         return rows
+
+
+# How a client resizes an input image that does not fit, as the native fields say it (the OpenAI API says size).
+RESIZE_HINT = "pass width and height to resize it"
 
 
 def is_given(value, from_form: bool) -> bool:

@@ -22,7 +22,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 from PIL import Image
 
-from handler.core.contract import ClientRequest, Contract, GenerationRequest, is_given
+from handler.core.contract import RESIZE_HINT, ClientRequest, Contract, GenerationRequest, is_given
 from handler.core.encoding import SINGLE_IMAGE_FORMATS, image_file
 from handler.core.failures import (
     INVALID_FIELD, NOT_IMPLEMENTED, OUT_OF_MEMORY, Rejection, invalid, shown, unknown_names,
@@ -147,8 +147,15 @@ class OpenAIProtocol(Protocol):
         if route not in IMAGE_ROUTES:
             raise RouteRejection(NOT_IMPLEMENTED, f"no route {shown('/' + route)} here; this server offers POST "
                                  f"/{GENERATIONS}, POST /{EDITS} and GET /{MODELS}")
-        body, from_form = request.fields()
-        if from_form:  # the SDK sends a list of images as image[]
+        try:
+            body, from_form = request.fields()
+        except Rejection as rejection:  # two image[] parts: the SDK's list of images
+            if rejection.field != "image[]":
+                raise
+            raise Rejection(rejection.reason, rejection.message, "image") from None
+        if from_form and "image[]" in body:  # the SDK sends a list of images as image[]
+            if "image" in body:
+                raise invalid("image", "the form sends both image and image[]; send one image, once")
             body = {("image" if key == "image[]" else key): value for key, value in body.items()}
         fields, image_format, params = self.translate(route, body, from_form)
         try:
@@ -261,6 +268,9 @@ def openai_rejection(rejection: Rejection, params: Mapping[str, str], body: Mapp
     """A contract rejection with its field named as the client named it (num_images -> n, width -> size)."""
     param = params.get(rejection.field)
     if param is None:
+        if RESIZE_HINT in rejection.message:  # an input image that does not fit, and no size was sent
+            return Rejection(rejection.reason, rejection.message.replace(
+                RESIZE_HINT, "send size (WIDTHxHEIGHT, e.g. '512x512') to resize it"), rejection.field)
         return rejection
     value = body.get(param)
     origin = param if isinstance(value, (bytes, bytearray)) or param == "mask" else f"{param}={shown(value)}"
