@@ -6,9 +6,11 @@ import io
 import openai
 import pytest
 import requests
+from hypothesis import HealthCheck, given, settings
 from PIL import Image
 
 from helpers import MODEL, SMALL, error_of, png_bytes, predict, solid
+from test_hostile_fuzz import forms, v2_bodies
 
 pytestmark = pytest.mark.serving
 
@@ -172,3 +174,31 @@ def test_openai_edit_with_json_nested_5000_deep_in_a_form_field_names_it(torchse
                              timeout=300)
     assert response.status_code == 400, response.text[:300]
     assert response.json()["error"]["param"] == "outpaint"
+
+
+# --- Generated bodies (the strategies of tests/test_hostile_fuzz.py) through the real server ---
+
+CHEAP = {"num_inference_steps": 1, "width": 64, "height": 64}
+THROUGH_THE_SERVER = settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+@THROUGH_THE_SERVER
+@given(body=v2_bodies())
+def test_generated_v2_bodies_never_get_a_500_from_the_server(torchserve, body):
+    parameters = body.get("parameters")
+    body["parameters"] = {**(parameters if isinstance(parameters, dict) else {}), **CHEAP}  # any generation is cheap
+    response = infer(torchserve, body)
+    assert response.status_code < 500, response.text[:300]
+    if response.status_code >= 400:
+        oip_error(response, response.status_code)
+
+
+@THROUGH_THE_SERVER
+@given(form=forms())
+def test_generated_forms_never_get_a_500_from_the_server(torchserve, form):
+    row, _ = form
+    fields = {**{name: value for name, value in row.items() if name not in CHEAP}, **CHEAP}
+    files = [(name, (None, value if isinstance(value, bytes) else str(value).encode())) for name, value in fields.items()]
+    response = requests.post(f"{torchserve.inference_url}/predictions/{MODEL}", files=files,
+                             headers=torchserve.inference_headers(), timeout=300)
+    assert response.status_code < 500, response.text[:300]
