@@ -198,7 +198,8 @@ def test_generated_v2_bodies_never_get_a_500_from_the_server(torchserve, body):
 def test_generated_forms_never_get_a_500_from_the_server(torchserve, form):
     row, _ = form
     fields = {**{name: value for name, value in row.items() if name not in CHEAP}, **CHEAP}
-    files = [(name, (None, value if isinstance(value, bytes) else str(value).encode())) for name, value in fields.items()]
+    files = [(name, (None, value if isinstance(value, bytes) else str(value).encode()))
+             for name, value in fields.items()]
     response = requests.post(f"{torchserve.inference_url}/predictions/{MODEL}", files=files,
                              headers=torchserve.inference_headers(), timeout=300)
     assert response.status_code < 500, response.text[:300]

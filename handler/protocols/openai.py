@@ -61,7 +61,8 @@ OPENAI_FIELDS: tuple[OpenAIField, ...] = (
                                          "store files"),
     OpenAIField("output_format", BOTH, "`png` (the default), `jpeg` or `webp`: the file in `b64_json`; `gif` and "
                                        "`svg` are refused (400)"),
-    OpenAIField("image", (EDITS,), "`image` (the uploaded file; one image: `image[]` with one file works too)"),
+    OpenAIField("image", (EDITS,), "`image` (the uploaded PNG, JPEG or WebP file; one image: `image[]` with one file "
+                                   "works too; two images are refused (400))"),
     OpenAIField("mask", (EDITS,), "`mask_image`: transparent pixels (alpha 0) become white (repaint), all others "
                                   "black; switches to inpainting"),
     OpenAIField("background", BOTH, "`auto` and `opaque` accepted (every image is opaque); `transparent` is "
