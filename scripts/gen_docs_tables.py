@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from handler.core.contract import Contract  # noqa: E402  (the repository root must be on sys.path first)
 from handler.core.settings import HandlerSettings  # noqa: E402
-from handler import openai_api  # noqa: E402
+from handler.protocols import openai as openai_api  # noqa: E402
 
 DOCS = REPO_ROOT / "docs"
 BLOCK = re.compile(r"(<!-- generated: (?P<name>[\w-]+) -->\n).*?(<!-- end generated -->)", re.DOTALL)

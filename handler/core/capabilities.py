@@ -32,6 +32,7 @@ class ModelCapabilities:
     loras: tuple[str, ...] = ()  # the LoRA adapters a request may name (handler/model/adapters.py)
     controlnets: tuple[str, ...] = ()  # the packaged ControlNets, by name (handler/model/controlnets.py)
     controlnet_tasks: tuple[str, ...] = ()  # the tasks they work with
+    embeddings: tuple[str, ...] = ()  # textual-inversion words a prompt may use (handler/model/embeddings.py)
 
     def describe(self, default_width: int, default_height: int) -> dict:
         """The capabilities as the describe API shows them."""
@@ -39,7 +40,8 @@ class ModelCapabilities:
                 "schedulers": list(self.schedulers), "default_scheduler": self.default_scheduler,
                 "size_multiple": self.size_multiple, "negative_prompt": self.negative_prompt,
                 "default_width": default_width, "default_height": default_height, "loras": list(self.loras),
-                "controlnets": list(self.controlnets), "controlnet_tasks": list(self.controlnet_tasks)}
+                "controlnets": list(self.controlnets), "controlnet_tasks": list(self.controlnet_tasks),
+                "embeddings": list(self.embeddings)}
 
 
 def capabilities_of(pipeline, tasks: tuple[str, ...]) -> ModelCapabilities:

@@ -222,6 +222,12 @@ class PromptEncoder:
         """The pipeline arguments that replace ``prompt``/``negative_prompt`` for these images (one pair each)."""
         raise NotImplementedError
 
+    def with_embeddings(self, text: str) -> str:
+        """The text with each multi-vector embedding's word spelled as all its tokens (NAME -> NAME NAME_1 ...),
+        as diffusers' own prompt encoding does; unchanged without embeddings."""
+        return self.pipeline.maybe_convert_prompt(text, self.pipeline.tokenizer) \
+            if hasattr(self.pipeline, "maybe_convert_prompt") else text
+
     @property
     def zero_negative(self) -> bool:
         """SDXL's checkpoints condition on zeros when no negative prompt is given (force_zeros_for_empty_prompt)."""
@@ -242,7 +248,7 @@ class A1111Encoder(PromptEncoder):
 
     def chunks(self, prompt: str, field: str = "prompt") -> list[list[Chunk]]:
         """Each part's chunks of one prompt; a Rejection naming ``field`` when a weight is out of bounds."""
-        fragments = parse_a1111(prompt)
+        fragments = parse_a1111(self.with_embeddings(prompt))
         check_weights(fragments, field)
         return [chunk_tokens(part.tokenizer, fragments) for part in self.parts]
 
@@ -319,7 +325,8 @@ class CompelEncoder(PromptEncoder):
 
     def _conditioning(self, compel, prompt: str, negative_prompt: Optional[str]):
         zeros = negative_prompt is None and self.zero_negative
-        return compel(prompt, negative_prompt=None if zeros else negative_prompt or "")
+        return compel(self.with_embeddings(prompt),
+                      negative_prompt=None if zeros else self.with_embeddings(negative_prompt or ""))
 
     def length_key(self, prompt: str, negative_prompt: Optional[str]) -> int:
         with torch.no_grad():

@@ -81,6 +81,8 @@ class HandlerSettings:
     """LoRAs kept loaded in the model (least recently used unloaded); at least `max_loras`"""
     lora_dir: str = ""
     """a folder of LoRA `.safetensors` files (names = file names) read at start-up, beside the packed ones"""
+    embedding_dir: str = ""
+    """a folder of textual-inversion `.safetensors` embeddings (prompt word = file name) read at start-up, beside the packed ones"""
     max_controlnets: int = 2
     """most ControlNets one request may combine (`controlnet` as a list)"""
 
