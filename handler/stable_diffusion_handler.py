@@ -22,6 +22,7 @@ from handler.metrics import ServiceMetrics
 from handler.model.device import WorkerRegistry, available_cores, threads_per_worker
 from handler.model.memory_budget import MemoryReservations
 from handler.protocols.http import HttpRequest, Reply, ServedModel
+from handler.repeated_fields import record_repeated_fields
 from handler.service import build_service
 from handler.streaming import StreamSender
 
@@ -41,6 +42,7 @@ class StableDiffusionHandler(BaseHandler):
         # Bodies reach preprocess as the client's bytes: the protocols parse JSON themselves (refusing duplicate
         # keys) and read multipart files. TorchServe's worker reads this variable for every request.
         os.environ["TS_DECODE_INPUT_REQUEST"] = "false"
+        record_repeated_fields()
         model_dir = Path(context.system_properties["model_dir"])
         self.settings = HandlerSettings.from_mapping((context.model_yaml_config or {}).get("handler"))
         self.registry = WorkerRegistry.for_model(model_dir)

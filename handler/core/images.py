@@ -52,7 +52,8 @@ def _base64_payload(field: str, value: str) -> bytes:
     try:
         return base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
-        raise invalid(field, f"{field} is not valid base64", reason=INVALID_IMAGE) from None
+        raise invalid(field, f"{field} is neither a PNG, JPEG or WebP file nor valid base64 of one (or a data URL)",
+                      reason=INVALID_IMAGE) from None
 
 
 def _to_eight_bits(image: Image.Image) -> Image.Image:

@@ -15,6 +15,9 @@ from handler.core.fields import FieldSpec
 from handler.core.outpaint import Margins, extend_canvas
 from handler.core.settings import HandlerSettings
 
+# How a client resizes an input image that does not fit, as the native fields say it (the OpenAI API says size).
+RESIZE_HINT = "pass width and height to resize it"
+
 
 def input_images(fields: Mapping[str, FieldSpec], values: Mapping[str, Any]) \
         -> tuple[Optional[Image.Image], Optional[Image.Image]]:
@@ -43,8 +46,8 @@ def side_of(image: Image.Image, name: str, settings: HandlerSettings, multiple: 
     """An input image's side rounded down to the size multiple; must fit the side limits as it is."""
     side = (image.width if name == "width" else image.height) // multiple * multiple
     if not settings.min_side <= side <= settings.max_side:
-        raise invalid("width", f"the input image's {name} ({side}) is outside {settings.min_side} .. "
-                      f"{settings.max_side}; pass width and height to resize it")
+        raise invalid("image", f"the input image's {name} ({side}) is outside {settings.min_side} .. "
+                      f"{settings.max_side}; {RESIZE_HINT}")
     return side
 
 

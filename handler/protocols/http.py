@@ -32,6 +32,8 @@ STATUS_OF_REASON = {
 TEXT, JSON_TYPE = "text/plain", "application/json"
 FORM = ("application/x-www-form-urlencoded", "multipart/form-data")
 ACCEPTED_CONTENT_TYPES = (TEXT, JSON_TYPE, *FORM)
+# Form fields the client sent more than once (a JSON list), as handler/repeated_fields.py records them.
+REPEATED_HEADER = "repeated form fields"
 ROUTE_HEADER = "url_path"  # the rest of the path below /predictions/{model}/{version}; absent on KServe's routes
 # A form value starting with an image file's signature is an uploaded file (curl -F image=@photo.png), kept
 # as bytes; any other form value is UTF-8 text.
@@ -61,12 +63,22 @@ class HttpRequest:
         """The body's fields and whether they came from a form; raises Rejection (the same one each time)."""
         if self._fields is None:
             try:
+                self._refuse_repeated_fields()
                 self._fields = read_body(self.row, self.header("content-type"))
             except Rejection as rejection:
                 self._fields = rejection
         if isinstance(self._fields, Rejection):
             raise self._fields
         return self._fields
+
+    def _refuse_repeated_fields(self) -> None:
+        """A field sent twice: which one the client meant is unknown (a proxy may read the first, TorchServe keeps
+        the last), so neither is used."""
+        repeated = self.headers.get(REPEATED_HEADER)
+        if repeated:
+            name = json.loads(repeated)[0]
+            raise Rejection(INVALID_BODY, f"the form sends the field {shown(name)} more than once; send each field "
+                            "once (one image per request)", field=name[:MAX_SHOWN])
 
     @property
     def route(self) -> Optional[str]:
@@ -248,7 +260,13 @@ def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
 def _form_value(key: str, value: Any):
     if isinstance(value, (bytes, bytearray)):
         value = bytes(value)
-        return value if value.startswith(IMAGE_SIGNATURES) else utf8(value, f"form field {shown(key)}")
+        if value.startswith(IMAGE_SIGNATURES):
+            return value
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:  # a file upload of another kind (a GIF as the image)
+            raise Rejection(INVALID_BODY, f"form field {shown(key)} is neither a PNG, JPEG or WebP file (the image "
+                            "formats read here) nor UTF-8 text", key[:MAX_SHOWN]) from None
     return str(value)
 
 

@@ -43,7 +43,7 @@ from handler.protocols.http import (
 V1, V2 = "v1", "v2"
 BINARY_HEADER = "inference-header-content-length"
 BINARY_TYPE = "application/octet-stream"
-EXPLAIN_HEADER = "explain"  # set by TorchServe on KServe's routes (False on infer/predict), beside no url_path
+EXPLAIN_HEADER = "explain"  # "False" on KServe's infer/predict routes, which set no url_path
 HEADER_LENGTH = re.compile(r"[0-9]{1,12}")  # str.isdigit() also takes "²", and int() refuses 5000 digits
 MAX_ID_LENGTH = 256  # the v2 id is echoed in the answer: a 1 MB id must not come back as a 1 MB answer
 IMAGE, SEEDS = "image", "seeds"
@@ -76,12 +76,12 @@ class KServeCall(Call):
 
 
 def is_kserve(request: HttpRequest) -> bool:
-    """Whether a request is KServe's: no ``url_path`` (KServe's routes set none), and TorchServe's ``explain``
-    header (which KServe's routes set; then even a body that cannot be read is answered in KServe's shape), a
-    binary OIP header, or a JSON body with ``inputs`` (v2) or ``instances`` (v1)."""
+    """Whether a request is KServe's: no ``url_path`` (KServe's routes set none), and TorchServe's ``explain:
+    False`` (which its infer and predict routes set; then even a body that cannot be read is answered in KServe's
+    shape), a binary OIP header, or a JSON body with ``inputs`` (v2) or ``instances`` (v1)."""
     if request.route is not None:
         return False
-    if request.header(BINARY_HEADER) is not None or request.header(EXPLAIN_HEADER) is not None:
+    if request.header(BINARY_HEADER) is not None or request.header(EXPLAIN_HEADER) == "False":
         return True
     try:
         body, from_form = request.fields()

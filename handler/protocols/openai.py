@@ -29,6 +29,7 @@ from handler.core.failures import (
 )
 from handler.core.fields import Boolean, is_given
 from handler.core.images import decode_image
+from handler.core.prepare import RESIZE_HINT
 from handler.core.requests import GenerationRequest
 from handler.protocols.http import (
     Call, HttpRequest, Protocol, Reply, ServedModel, failure_of, result_headers, status_of,
@@ -61,7 +62,8 @@ OPENAI_FIELDS: tuple[OpenAIField, ...] = (
                                          "store files"),
     OpenAIField("output_format", BOTH, "`png` (the default), `jpeg` or `webp`: the file in `b64_json`; `gif` and "
                                        "`svg` are refused (400)"),
-    OpenAIField("image", (EDITS,), "`image` (the uploaded file; one image: `image[]` with one file works too)"),
+    OpenAIField("image", (EDITS,), "`image` (the uploaded PNG, JPEG or WebP file; one image: `image[]` with one file "
+                                   "works too; two images are refused (400))"),
     OpenAIField("mask", (EDITS,), "`mask_image`: transparent pixels (alpha 0) become white (repaint), all others "
                                   "black; switches to inpainting"),
     OpenAIField("background", BOTH, "`auto` and `opaque` accepted (every image is opaque); `transparent` is "
@@ -147,8 +149,15 @@ class OpenAIProtocol(Protocol):
         if route not in IMAGE_ROUTES:
             raise RouteRejection(NOT_IMPLEMENTED, f"no route {shown('/' + route)} here; this server offers POST "
                                  f"/{GENERATIONS}, POST /{EDITS} and GET /{MODELS}")
-        body, from_form = request.fields()
-        if from_form:  # the SDK sends a list of images as image[]
+        try:
+            body, from_form = request.fields()
+        except Rejection as rejection:  # two image[] parts: the SDK's list of images
+            if rejection.field != "image[]":
+                raise
+            raise Rejection(rejection.reason, rejection.message, "image") from None
+        if from_form and "image[]" in body:  # the SDK sends a list of images as image[]
+            if "image" in body:
+                raise invalid("image", "the form sends both image and image[]; send one image, once")
             body = {("image" if key == "image[]" else key): value for key, value in body.items()}
         fields, image_format, params = self.translate(route, body, from_form)
         try:
@@ -260,6 +269,9 @@ def openai_rejection(rejection: Rejection, params: Mapping[str, str], body: Mapp
     """A contract rejection with its field named as the client named it (num_images -> n, width -> size)."""
     param = params.get(rejection.field)
     if param is None:
+        if RESIZE_HINT in rejection.message:  # an input image that does not fit, and no size was sent
+            return Rejection(rejection.reason, rejection.message.replace(
+                RESIZE_HINT, "send size (WIDTHxHEIGHT, e.g. '512x512') to resize it"), rejection.field)
         return rejection
     value = body.get(param)
     origin = param if isinstance(value, (bytes, bytearray)) or param == "mask" else f"{param}={shown(value)}"
