@@ -361,6 +361,7 @@ def _bind_type(field_type, settings: HandlerSettings, capabilities: ModelCapabil
 
 
 SIDE = Integer(Setting("min_side"), Setting("max_side"), Capability("size_multiple"))
+MAX_IP_ADAPTER_SCALE = 2.0
 CONTROL = {"capability": "controlnets"}
 FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("prompt", Text(Setting("max_prompt_length"), required=True), REQUIRED, "what to draw"),
@@ -418,6 +419,14 @@ FIELDS: tuple[FieldSpec, ...] = (
               "canny: gradients below it are never edges", requires=("controlnet", "control_preprocess"), **CONTROL),
     FieldSpec("canny_high", Integer(0, CANNY_MAX_THRESHOLD), CANNY_HIGH,
               "canny: gradients above it are always edges", requires=("controlnet", "control_preprocess"), **CONTROL),
+    FieldSpec("ip_adapter", Choice(Capability("ip_adapters")), NONE,
+              "the packed IP-Adapter whose image prompt steers the image (with every task)",
+              requires=("ip_adapter_image",), capability="ip_adapters"),
+    FieldSpec("ip_adapter_image", ImageInput("RGB", Setting("max_input_image_pixels")), NONE,
+              "the image prompt of ip_adapter", requires=("ip_adapter",), capability="ip_adapters"),
+    FieldSpec("ip_adapter_scale", Number(0.0, MAX_IP_ADAPTER_SCALE), 1.0,
+              "how strongly the image prompt steers (0: not at all)", requires=("ip_adapter",),
+              capability="ip_adapters"),
 )
 FIELD_NAMES = tuple(spec.name for spec in FIELDS)
 # Rules over several fields, which a JSON Schema cannot state; each is a 400 naming the first field.
@@ -438,10 +447,20 @@ CROSS_FIELD_RULES = {  # formatted with the settings' values
 # What a field whose ``capability`` the loaded pipeline lacks would need, for the refusal's message.
 CAPABILITY_NEEDS = {"negative_prompt": "negative prompts",
                     "loras": "LoRA files (build_mar.sh --lora NAME=PATH, or the lora_dir setting)",
-                    "controlnets": "ControlNets (packed with build_mar.sh --controlnet NAME=FOLDER)"}
+                    "controlnets": "ControlNets (packed with build_mar.sh --controlnet NAME=FOLDER)",
+                    "ip_adapters": "IP-Adapters (packed with build_mar.sh --ip-adapter NAME=DIR)"}
 
 
 # --- Typed requests -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ImagePrompt:
+    """An IP-Adapter's image prompt: which adapter, the decoded image, and how strongly it steers."""
+
+    name: str
+    image: Image.Image = field(compare=False)
+    scale: float
+
 
 @dataclass(frozen=True)
 class GenerationRequest:
@@ -462,6 +481,7 @@ class GenerationRequest:
     strength: Optional[float] = None
     loras: tuple[tuple[str, float], ...] = ()  # (name, scale) sorted by name; () for the base model
     control: Optional[ControlCondition] = None
+    ip_adapter: Optional[ImagePrompt] = None
     prompt_translated: Optional[str] = None  # set by the translator (handler/model/translation.py)
     negative_prompt_translated: Optional[str] = None
 
@@ -495,7 +515,8 @@ class GenerationRequest:
         """Requests with equal keys can share one pipeline call (a deadline stops a call: only equal ones share)."""
         return (self.task, self.width, self.height, self.num_inference_steps, self.guidance_scale,
                 self.scheduler, self.strength, self.negative_prompt is not None, self.timeout_seconds,
-                self.loras, self.control.batch_key() if self.control is not None else None)
+                self.loras, self.control.batch_key() if self.control is not None else None,
+                (self.ip_adapter.name, self.ip_adapter.scale) if self.ip_adapter is not None else None)
 
 
 @dataclass(frozen=True)
@@ -586,6 +607,9 @@ class Contract:
                 mask_image = mask_image.resize((width, height), Image.Resampling.NEAREST)
 
         control = self._control(values, control_counts, width, height) if "controlnet" in values else None
+        ip_adapter = ImagePrompt(values["ip_adapter"], self.fields["ip_adapter_image"].type.decode(
+            "ip_adapter_image", values["ip_adapter_image"]), value("ip_adapter_scale")) if "ip_adapter" in values \
+            else None
         seed = values.get("seed", secrets.randbelow(MAX_SEED + 1))
         generation = GenerationRequest(
             prompt=values["prompt"], negative_prompt=values.get("negative_prompt"), num_inference_steps=steps,
@@ -594,7 +618,7 @@ class Contract:
             scheduler=values.get("scheduler"), timeout_seconds=value("timeout_seconds"),
             preview_every=values.get("preview_every", 0), image=image, mask_image=mask_image, strength=strength,
             loras=values.get("loras", ()),
-            control=control,
+            control=control, ip_adapter=ip_adapter,
         )
         return ClientRequest(generation, output_format, stream)
 
