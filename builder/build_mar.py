@@ -20,6 +20,7 @@ from typing import Optional
 from builder.components import (ComponentError, check_loras, check_vae, parse_lora_argument, vae_entries,
                                 VAE_FOLDER)
 from builder.families import FAMILIES, FULL_SIZE_FAMILIES
+from builder.weights_dtype import WEIGHTS_DTYPES, convert_weights
 from handler.model.adapters import LORA_SUFFIX, PACKAGED_FOLDER
 from handler.model.pipeline_files import find_pipeline_folder
 from handler.model.weight_files import WeightFileError, check_weights_in, is_pickle, read_header, refuse_pickle
@@ -62,6 +63,10 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--full-size", action="store_true",
                         help="with --tiny: random weights with the family's exact published configs (sd1, sd2-v, "
                              "sdxl; 2-7 GB of fp16 safetensors) instead of tiny ones, to measure real-scale costs")
+    parser.add_argument("--weights-dtype", choices=WEIGHTS_DTYPES,
+                        help="convert the pipeline's weights to this dtype at build time; when it is the served "
+                             "dtype (model-config.yaml's dtype, e.g. bfloat16 on a CPU), workers map the weights "
+                             "from the archive instead of copying them, so several workers share one copy")
     parser.add_argument("--name", default="stable_diffusion", help="model name in TorchServe (default: %(default)s)")
     parser.add_argument("--archive-format", choices=("zip", "no-archive"), default="zip",
                         help="zip: one .mar file, the pipeline stored uncompressed (TorchServe's extraction is a copy and "
@@ -357,6 +362,10 @@ def build(arguments: argparse.Namespace) -> Path:
         translator_files(arguments.translator)  # refuse a wrong folder before building or downloading anything
     folder = pipeline_source(arguments)
     check_weights_in(folder, "the pipeline")
+    if arguments.weights_dtype is not None:
+        progress(f"converting the weights to {arguments.weights_dtype}")
+        folder = convert_weights(folder, arguments.work_dir / f"converted-{arguments.name}", arguments.weights_dtype,
+                                 progress)
     if arguments.vae is not None:
         check_vae(folder, arguments.vae)
         progress(f"the VAE of {arguments.vae} replaces the pipeline's")
@@ -418,6 +427,8 @@ def build(arguments: argparse.Namespace) -> Path:
         progress(f"[2/2] copying {folder} into {output / PIPELINE_FOLDER}")
         copy_pipeline(folder, output / PIPELINE_FOLDER, arguments.vae)
     shutil.rmtree(staging, ignore_errors=True)
+    if arguments.weights_dtype is not None:
+        shutil.rmtree(folder, ignore_errors=True)  # the converted copy: the archive holds it now
     progress(f"done in {time.monotonic() - started:.1f} s: {output} ({_megabytes(_size(output))} MB)")
     return output
 

@@ -56,7 +56,9 @@ def main(argv: list[str]) -> int:
         log(f"{config}: inference_address must be {UPSTREAM} (nginx forwards port 8080 there), "
             f"not {inference_address(config) or 'unset'}")
         return 2
-    Path("/tmp/nginx").mkdir(exist_ok=True)
+    Path("/tmp/nginx").mkdir(exist_ok=True)  # nginx.conf's temporary folders
+    if os.environ.get("TMPDIR"):  # TorchServe's pid file and unpacked archives (an emptyDir in Kubernetes)
+        Path(os.environ["TMPDIR"]).mkdir(parents=True, exist_ok=True)
 
     stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -29,7 +29,7 @@ for second in $(seq 1 180); do
 done
 
 TOKEN=$(../.venv/bin/python -c 'import json; print(json.load(open("key_file.json"))["inference"]["key"])')
-echo "demo: generating 768x768, 50 steps (about 30 s on 2 CPU cores with the tiny model)"
+echo "demo: generating 768x768, 50 steps with the tiny model (about 30 s on 2 idle CPU cores; minutes on a busy machine)"
 curl -sf -o ../astronaut.png -D - -H "Authorization: Bearer $TOKEN" -H "Accept: image/png" \
   -H "Content-Type: text/plain" --data "a photo of an astronaut riding a horse on mars" \
   http://127.0.0.1:8080/predictions/stable_diffusion | grep -i '^x-seeds'

@@ -84,7 +84,7 @@ def test_the_inference_service_runs_the_serving_image_as_a_custom_container():
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert predictor["minReplicas"] == 0 and predictor["maxReplicas"] >= 1  # scale to zero
     assert service["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Knative"
-    assert predictor["terminationGracePeriodSeconds"] > nginx_drain_seconds()
+    assert predictor["timeout"] > nginx_drain_seconds()  # Knative's grace period on scale-down
 
 
 def test_the_old_runtime_manifest_is_marked_deprecated_upstream():

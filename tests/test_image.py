@@ -3,14 +3,15 @@ served with the commands of docs/deploying.md.
 
 The fast tests run everywhere: the image installs requirements-serve.txt, the list setup.py's ``serve`` extra
 reads (the fresh-environment test serves from it too); its build context holds what it copies; hadolint finds
-nothing in it, the CUDA build's arguments included.
+nothing in it; the CUDA build's arguments are the Dockerfile's, and its torch check refuses a CPU torch.
 
-``test_the_documented_image_builds_serves_and_drains`` builds the CPU image with podman from a Debian base made
-here (debootstrap: no registry is reachable), runs it, and serves the tiny archive: /ping, the probes, a
-generation on the native and the KServe v1 route, then a stop with a generation in flight, which must get its
-image. It takes minutes (the numbers are in docs/deploying.md), so it runs only with RUN_IMAGE_TEST=1, as
-``scripts/test_image.sh`` sets; it needs root, apt-get (podman, buildah, runc, debootstrap are installed by
-scripts/build_image.sh) and /opt/wheels' CPU torch wheel, or TORCH_WHEELS naming a folder with one.
+``test_the_documented_image_builds_serves_and_drains`` runs the commands of docs/deploying.md: it builds the
+CPU image with podman from a Debian base made here (debootstrap: no registry is reachable), runs it, and
+serves the tiny archive: /ping, the probes, a generation on the native and the KServe v1 route, then a stop
+with a generation in flight, which must get its image; then it builds the image with the archive baked in.
+It takes minutes (the numbers are in docs/deploying.md), so it runs only with RUN_IMAGE_TEST=1, as
+``scripts/test_image.sh`` sets. It needs root and apt-get (scripts/build_image.sh installs podman, buildah,
+runc and debootstrap) and the CPU torch wheel in /opt/wheels, as the doc's build command says.
 """
 
 import io
@@ -146,6 +147,7 @@ def run_doc(heading: str, workdir: Path, env: dict, timeout: float) -> str:
     script = "\n".join(doc_blocks(heading))
     script, count = re.subn(r"^NAME=sd PORT=8080\b", f"NAME={env['NAME']} PORT={env['PORT']}", script,
                             flags=re.MULTILINE)
+    assert count or "$NAME" not in script, f"'## {heading}' uses $NAME without setting NAME=sd PORT=8080"
     progress(f"running the commands of '## {heading}'")
     done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=workdir, env=env, timeout=timeout,
                           capture_output=True, text=True)
@@ -207,7 +209,8 @@ def test_the_documented_image_builds_serves_and_drains(checkout):
     build_seconds = time.monotonic() - started
     size = subprocess.run(["podman", "image", "inspect", "--format", "{{.Size}}", IMAGE], env=env,
                           capture_output=True, text=True, check=True).stdout.strip()
-    progress(f"built in {build_seconds:.0f} s (with the layers podman had cached), {int(size) / 1e6:.0f} MB")
+    progress(f"build_mar.sh --tiny and the image build: {build_seconds:.0f} s (podman reuses the base and any layer "
+             f"it still has); image {int(size) / 1e6:.0f} MB")
 
     url = f"http://127.0.0.1:{env['PORT']}"
     try:
@@ -256,5 +259,10 @@ def test_the_documented_image_builds_serves_and_drains(checkout):
         assert printed.split()[-1] == "0", printed  # the container's exit code: a clean stop
         with pytest.raises(requests.ConnectionError):
             requests.get(f"{url}/ping", timeout=10)
+
+        run_doc("Bake the model store in", checkout, env, timeout=600)
+        baked = subprocess.run(["podman", "run", "--rm", "--entrypoint", "ls", "localhost/stable-diffusion-tiny:cpu",
+                                "/mnt/models"], env=env, capture_output=True, text=True, timeout=120)
+        assert baked.stdout.split() == [f"{MODEL}.mar"], baked.stdout + baked.stderr
     finally:
         subprocess.run(["podman", "rm", "--force", "--time", "0", env["NAME"]], env=env, capture_output=True)

@@ -20,7 +20,7 @@ from handler.core.generation import GenerationEngine, plan_groups
 from handler.core.settings import HandlerSettings, SettingsError
 from handler.model.adapters import LoraAdapters, LoraError, check_lora, find_loras, serve_loras
 from handler.model.device import Placement
-from handler.model.loading import load_pipeline
+from handler.model.loading import load_pipeline, optimize_pipeline, read_pipeline
 
 
 FAMILIES = ("sd1", "sdxl", "sd3", "flux")
@@ -85,10 +85,11 @@ def test_least_recently_used_adapter_is_unloaded_and_reloads_to_the_same_image(f
 
 def hot_swapping_engine(folder, loras, settings):
     """An engine whose adapters swap into max_loras slots prepared before compiling, as the handler sets it up."""
-    prepared = []
-    pipeline = load_pipeline(folder, Placement("cpu", torch.float32), settings, prepare=lambda pipeline: prepared.append(
-        serve_loras(pipeline, loras, settings.max_loras, settings.max_loaded_loras, hotswap=True)))
-    return GenerationEngine(pipeline, 10**8, loras=prepared[0])
+    placement = Placement("cpu", torch.float32)
+    pipeline = read_pipeline(folder, placement, settings)
+    adapters = serve_loras(pipeline, loras, settings.max_loras, settings.max_loaded_loras, hotswap=True)
+    optimize_pipeline(pipeline, placement, settings)
+    return GenerationEngine(pipeline, 10**8, loras=adapters)
 
 
 SWAPS = [(), (("a", 1.0),), (("a", 0.5), ("b", 1.0)), (("a_kohya", 1.0), ("b", 0.3)), (("b", 1.0),), ()]

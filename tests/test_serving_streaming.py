@@ -136,7 +136,7 @@ def metric_value(server, name: str) -> float:
 
 
 def test_a_dropped_stream_generates_on_until_its_timeout_seconds_stops_it(server):
-    # No sign of the client's disconnect reaches the worker (README): timeout_seconds is the client's tool.
+    # No sign of the client's disconnect reaches the worker (docs/api.md): timeout_seconds is the client's tool.
     stopped_before = metric_value(server, "DeadlineStoppedRequests")
     # The first step takes a few seconds at most, the whole generation minutes: the client drops it mid-way.
     body = {"prompt": "a slow cat", "num_inference_steps": 150, "width": 256, "height": 256, "timeout_seconds": 15,

@@ -231,11 +231,7 @@ class LoraList:
 
     def read(self, name: str, value, from_form: bool) -> tuple[tuple[str, float], ...]:
         if from_form and isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except ValueError:
-                raise invalid(name, f"{name} must be a JSON list of {{\"name\", \"scale\"}} objects, got "
-                              f"{shown(value)}") from None
+            value = json_text(name, value, "a JSON list of {\"name\", \"scale\"} objects")
         if not isinstance(value, list) or len(value) > self.max_items:
             raise invalid(name, f"{name} must be a list of {self.rule()}, got {shown(value)}")
         chosen = {}
@@ -296,7 +292,7 @@ class Borders:
 
     def read(self, name: str, value, from_form: bool) -> Margins:
         if from_form and isinstance(value, str):
-            value = _form_object(name, value)
+            value = json_text(name, value, "a JSON object")
         if not isinstance(value, dict) or set(value) - set(SIDES):
             raise invalid(name, f"{name} must be {self.rule()}, got {shown(value)}")
         sides = {}
@@ -564,8 +560,9 @@ class Contract:
             raise invalid("prompt", "prompt is required: a non-empty string", reason=MISSING_PROMPT)
         for name in given:
             for needed in self.fields[name].requires:
-                if needed not in given:
-                    raise invalid(name, f"{name} needs the field {needed}")
+                if needed not in given or values[needed] is False:  # "stream": false asks for no stream either
+                    raise invalid(name, f"{name} needs the field {needed}"
+                                  + (" set to true" if isinstance(self.fields[needed].type, Boolean) else ""))
 
         def value(name):
             return values[name] if name in values else self.fields[name].default
@@ -767,12 +764,13 @@ def is_given(value, from_form: bool) -> bool:
     return not (from_form and isinstance(value, str) and value.strip() == "")
 
 
-def _form_object(name: str, text: str):
-    """A form field holding a JSON object (outpaint)."""
+def json_text(name: str, text: str, expected: str):
+    """A field given as JSON text (a form's outpaint or loras), parsed; a Rejection naming the field for bad
+    syntax, and for nesting deeper than the parser's recursion allows (RecursionError, not a ValueError)."""
     try:
         return json.loads(text)
-    except ValueError:
-        raise invalid(name, f"{name} must be a JSON object, got {shown(text)}") from None
+    except (ValueError, RecursionError):
+        raise invalid(name, f"{name} must be {expected}, got {shown(text)}") from None
 
 
 def _form_number(name: str, text: str, kind: type):

@@ -12,14 +12,16 @@ have reserved. (DiffSynth-Studio's ``vram_limit`` plays the same part for VRAM.)
 
 import fcntl
 import json
+import math
 import os
-import struct
 from pathlib import Path
 
 import torch
 
 from handler.core.settings import HandlerSettings
+from handler.model.device import _process_alive
 from handler.model.pipeline_index import read_model_index
+from handler.model.weight_files import read_header
 
 # Memory a worker holds beyond its weights while generating (activations, the torch runtime, TorchServe's
 # worker): measured on a full-size SD 1.5 at 512x512 in bfloat16 (benchmarks/realscale.py). Larger images
@@ -33,19 +35,8 @@ class MemoryBudgetError(RuntimeError):
 
 
 def safetensors_elements(path: Path) -> int:
-    """The number of tensor elements a .safetensors file holds, read from its header alone."""
-    with open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
-    total = 0
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        count = 1
-        for size in entry["shape"]:
-            count *= size
-        total += count
-    return total
+    """The number of tensor elements a .safetensors file holds, from its checked header alone."""
+    return sum(math.prod(entry["shape"]) for entry in read_header(path, "memory_budget_gb").values())
 
 
 def weight_files(folder: Path, settings: HandlerSettings) -> list[Path]:
@@ -81,16 +72,6 @@ def available_bytes(device: str) -> int:
     raise MemoryBudgetError("memory_budget_gb: /proc/meminfo has no MemAvailable; cannot tell what fits")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class MemoryReservations:
     """What each live worker of one model on this host holds or is loading, in a JSON file beside the worker
     registry, read and written under a file lock so that workers starting together are counted."""
@@ -107,7 +88,7 @@ class MemoryReservations:
         with open(self.lock_path, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             others = {key: entry for key, entry in self._read().items()
-                      if int(key) != pid and entry["device"] == device and _alive(int(key))}
+                      if int(key) != pid and entry["device"] == device and _process_alive(int(key))}
             held = sum(entry["bytes"] for entry in others.values())
             loading = sum(entry["bytes"] for entry in others.values() if not entry["loaded"])
             needs = (f"this worker needs about {need / 1e9:.1f} GB ({weights / 1e9:.1f} GB of weights in "

@@ -20,6 +20,7 @@ clients read) plus ``reason`` and ``field``, with the status every protocol give
 import base64
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -27,7 +28,8 @@ from typing import Any, Optional
 import numpy as np
 
 from handler.core.contract import (
-    Boolean, Choice, ClientRequest, Contract, GenerationRequest, ImageInput, Integer, LoraList, Number, Text,
+    Boolean, Borders, Choice, ClientRequest, Contract, GenerationRequest, ImageInput, Integer, LoraList, Number,
+    OneOrMany, Text, json_text,
 )
 from handler.core.encoding import SINGLE_IMAGE_FORMATS, array_json, image_file
 from handler.core.failures import (
@@ -41,6 +43,9 @@ from handler.protocols.http import (
 V1, V2 = "v1", "v2"
 BINARY_HEADER = "inference-header-content-length"
 BINARY_TYPE = "application/octet-stream"
+EXPLAIN_HEADER = "explain"  # set by TorchServe on KServe's routes (False on infer/predict), beside no url_path
+HEADER_LENGTH = re.compile(r"[0-9]{1,12}")  # str.isdigit() also takes "²", and int() refuses 5000 digits
+MAX_ID_LENGTH = 256  # the v2 id is echoed in the answer: a 1 MB id must not come back as a 1 MB answer
 IMAGE, SEEDS = "image", "seeds"
 OUTPUTS = (IMAGE, SEEDS)
 DEFAULT_V1_FORMAT = "png"
@@ -73,11 +78,12 @@ class KServeCall(Call):
 
 
 def is_kserve(request: HttpRequest) -> bool:
-    """Whether a request is KServe's: no ``url_path`` (KServe's routes set none), and a binary OIP header or a
-    JSON body with ``inputs`` (v2) or ``instances`` (v1)."""
+    """Whether a request is KServe's: no ``url_path`` (KServe's routes set none), and TorchServe's ``explain``
+    header (which KServe's routes set; then even a body that cannot be read is answered in KServe's shape), a
+    binary OIP header, or a JSON body with ``inputs`` (v2) or ``instances`` (v1)."""
     if request.route is not None:
         return False
-    if request.header(BINARY_HEADER) is not None:
+    if request.header(BINARY_HEADER) is not None or request.header(EXPLAIN_HEADER) is not None:
         return True
     try:
         body, from_form = request.fields()
@@ -99,7 +105,11 @@ class KServeProtocol(Protocol):
         if header_length is not None:
             protocol, (body, binary) = V2, self._split_binary(request, header_length)
         else:
-            (body, _), binary = request.fields(), b""
+            (body, from_form), binary = request.fields(), b""
+            if from_form or not {"inputs", "instances"} & body.keys():
+                raise invalid("inputs", "a KServe request is a JSON object with inputs (v2: {\"inputs\": [{\"name\": "
+                              "\"prompt\", \"shape\": [1], \"datatype\": \"BYTES\", \"data\": [\"a cat\"]}]}) or "
+                              "instances (v1: {\"instances\": [{\"prompt\": \"a cat\"}]})", reason=INVALID_BODY)
             protocol = V2 if "inputs" in body else V1
         request.refuse_explanations(
             f"use {'/v2/models/{model}/infer' if protocol == V2 else '/v1/models/{model}:predict'}")
@@ -115,7 +125,7 @@ class KServeProtocol(Protocol):
                             "the request uncompressed")
         row = request.row
         payload = bytes(row.get("body", row.get("data", b"")) or b"")
-        if not header_length.strip().isdigit() or int(header_length) > len(payload):
+        if not HEADER_LENGTH.fullmatch(header_length.strip()) or int(header_length) > len(payload):
             raise Rejection(INVALID_BODY, f"Inference-Header-Content-Length {shown(header_length)} must be the "
                             f"length of the JSON header, at most the body's {len(payload)} bytes")
         length = int(header_length)
@@ -127,8 +137,9 @@ class KServeProtocol(Protocol):
         extra = [key for key in body if key not in known]
         if extra:
             raise unknown_names(extra, "key", f" in the inference request; it takes {sorted(known)}")
-        if "id" in body and not isinstance(body["id"], str):
-            raise invalid("id", f"id must be a string, got {shown(body['id'])}", reason=INVALID_BODY)
+        if "id" in body and (not isinstance(body["id"], str) or len(body["id"]) > MAX_ID_LENGTH):
+            raise invalid("id", f"id must be a string of at most {MAX_ID_LENGTH} characters (it is echoed in the "
+                          f"answer), got {shown(body['id'])}", reason=INVALID_BODY)
         parameters = _object(body, "parameters")
         format_name = parameters.pop("output_format", None)
         if format_name is not None and format_name not in SINGLE_IMAGE_FORMATS:
@@ -138,8 +149,8 @@ class KServeProtocol(Protocol):
         if not isinstance(binary_default, bool):
             raise invalid("binary_data_output", f"parameters.binary_data_output must be true or false, got "
                           f"{shown(binary_default)}")
-        fields = {name: self._json_list(name, value) for name, value in parameters.items()}
-        inputs = body["inputs"]
+        fields = {name: self._json_field(name, value) for name, value in parameters.items()}
+        inputs = body.get("inputs")
         if not isinstance(inputs, list) or not inputs:
             raise invalid("inputs", "inputs must be a non-empty list of tensors such as {\"name\": \"prompt\", "
                           "\"shape\": [1], \"datatype\": \"BYTES\", \"data\": [\"a cat\"]}", reason=INVALID_BODY)
@@ -194,24 +205,20 @@ class KServeProtocol(Protocol):
                 raise invalid(name, f"input {name} must carry its one element in data, e.g. \"data\": [...]; got "
                               f"{shown(tensor.get('data'))}")
             value = data
-        if isinstance(spec.type, ImageInput) and isinstance(value, bytes):
+        item_type = spec.type.item if isinstance(spec.type, OneOrMany) else spec.type
+        if isinstance(item_type, ImageInput) and isinstance(value, bytes):
             value = base64.b64encode(value).decode("ascii")  # a file sent as raw BYTES
         elif isinstance(value, bytes):
             value = utf8(value, f"input {name}", name)
-        if isinstance(spec.type, Number) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        return name, self._json_list(name, value), offset
+        return name, self._json_field(name, value), offset
 
-    def _json_list(self, name: str, value):
-        """A list-valued field (loras) given as a BYTES element or a string parameter: its JSON text, parsed."""
+    def _json_field(self, name: str, value):
+        """A list or object field (loras, outpaint) given as a BYTES element or a string parameter: its JSON text,
+        parsed."""
         spec = self.contract.declared.get(name)
-        if spec is None or not isinstance(spec.type, LoraList) or not isinstance(value, str):
+        if spec is None or not isinstance(spec.type, tuple(JSON_TEXT_EXAMPLES)) or not isinstance(value, str):
             return value
-        try:
-            return json.loads(value)
-        except ValueError:
-            raise invalid(name, f"{name} must be JSON text of a list such as [{{\"name\": \"style\", \"scale\": "
-                          f"0.8}}], got {shown(value)}") from None
+        return json_text(name, value, f"JSON text such as {JSON_TEXT_EXAMPLES[type(spec.type)]}")
 
     def _requested_outputs(self, outputs, binary_default: bool) -> dict[str, bool]:
         if outputs is None:
@@ -222,7 +229,11 @@ class KServeProtocol(Protocol):
                           f"{shown(outputs)}", reason=INVALID_BODY)
         requested = {}
         for output in outputs:
-            flag = (output.get("parameters") or {}).get("binary_data", binary_default)
+            parameters = output.get("parameters") or {}
+            if not isinstance(parameters, dict):
+                raise invalid("outputs", f"the parameters of output {output['name']} must be an object such as "
+                              f"{{\"binary_data\": true}}, got {shown(parameters)}", reason=INVALID_BODY)
+            flag = parameters.get("binary_data", binary_default)
             if not isinstance(flag, bool):
                 raise invalid("outputs", f"binary_data of output {output['name']} must be true or false, got "
                               f"{shown(flag)}")
@@ -363,14 +374,20 @@ def _object(body: dict, key: str) -> dict:
     return dict(value)
 
 
+# The fields a tensor or parameter carries as JSON text, with an example for the message.
+JSON_TEXT_EXAMPLES = {LoraList: '[{"name": "style", "scale": 0.8}]', Borders: '{"left": 64, "right": 64}'}
+
+
 def _datatypes_of(field_type) -> tuple[str, ...]:
+    if isinstance(field_type, OneOrMany):  # one element per tensor: one of its items
+        return _datatypes_of(field_type.item)
     if isinstance(field_type, Integer):
         return INTEGER_TYPES
     if isinstance(field_type, Number):
         return FLOAT_TYPES + INTEGER_TYPES
     if isinstance(field_type, Boolean):
         return ("BOOL",)
-    if isinstance(field_type, (Text, Choice, ImageInput, LoraList)):  # loras: its JSON text
+    if isinstance(field_type, (Text, Choice, ImageInput, LoraList, Borders)):  # loras, outpaint: JSON text
         return ("BYTES",)
     raise TypeError(f"no OIP datatype for {type(field_type).__name__}")
 

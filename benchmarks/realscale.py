@@ -1,0 +1,394 @@
+#!/usr/bin/env python3
+"""Real scale: a full-size random-weight pipeline built, archived, served by TorchServe and measured against
+raw diffusers holding the same folder, in one run.
+
+    python benchmarks/realscale.py --quick     # SD 1.5 only (about 15 minutes on 2 cores)
+    python benchmarks/realscale.py             # then SDXL base served with one worker at 1024x1024
+
+Random weights cost what trained ones cost in time, memory and bytes (only the pictures are noise), so every
+figure here stands for the real checkpoint of the same architecture (builder/full_size.py). Measured:
+- build: ``build_mar.sh --tiny --full-size`` wall time (random weights made, then archived) and archive size;
+- cold start: a plain Python process's start + imports + ``from_pretrained`` of the pipeline folder, against
+  TorchServe's launch to a READY worker with the default .mar, split into what happens before the handler runs
+  (TorchServe's start, its extraction of the .mar, the worker's imports), the handler's own unpacking (none with
+  the stored layout), the pipeline load and the warm-up;
+- disk held while serving beyond the archive (TorchServe's temporary folder);
+- served against raw diffusers latency, taking turns so that a slow spell of a shared machine hits both; the
+  first served request (right after the warm-up) against the next ones;
+- peak RSS per worker with one and two workers, against the raw process after the same request;
+- each CPU preset against float32 eager on the same request, with the largest pixel difference.
+Memory: at most one served model and one raw process are alive at a time.
+"""
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks.report import Row, at_least, at_most, markdown_table, median, write_json  # noqa: E402
+
+STARTED = time.monotonic()
+MODEL = "stable_diffusion"
+PROMPT = "a photo of an astronaut riding a horse on the moon"
+# Per family: the served size and steps, and the presets compared with float32 eager (handler settings).
+CASES = {
+    "sd1": {"side": 512, "steps": 2},
+    "sdxl": {"side": 1024, "steps": 2},
+}
+PRESETS = {
+    "float32 eager": {"dtype": "float32"},
+    "bfloat16 eager": {"dtype": "bfloat16"},
+    "bfloat16 channels-last": {"dtype": "bfloat16", "channels_last": True},
+}
+SERVED_PRESET = "bfloat16 eager"  # served and raw both hold this one: the fastest eager preset measured here
+
+
+def progress(message: str) -> None:
+    print(f"[realscale {time.monotonic() - STARTED:7.1f}s] {message}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------- child processes
+
+
+def child_main(arguments: argparse.Namespace) -> None:
+    """A process holding one pipeline: plain diffusers (``--raw``) or the handler's loader with a preset.
+
+    Prints one JSON line when loaded (seconds since the interpreter started, imports, load), then answers each
+    JSON line on stdin ({"side", "steps", "save"}) with one JSON line holding the generation's seconds."""
+    import_started = time.perf_counter()
+    import numpy as np
+    import torch
+    from diffusers import DiffusionPipeline
+
+    imported = time.perf_counter()
+    settings = json.loads(arguments.settings)
+    dtype = getattr(torch, settings.get("dtype", "float32"))
+    if arguments.raw:
+        pipeline = DiffusionPipeline.from_pretrained(arguments.folder, dtype=dtype, local_files_only=True)
+    else:
+        from handler.core.settings import HandlerSettings
+        from handler.model.device import Placement
+        from handler.model.loading import load_pipeline
+
+        pipeline = load_pipeline(Path(arguments.folder), Placement("cpu", dtype), HandlerSettings.from_mapping(settings))
+    pipeline.set_progress_bar_config(disable=True)
+    loaded = time.perf_counter()
+    print(json.dumps({"imports": imported - import_started, "load": loaded - imported}), flush=True)
+    for line in sys.stdin:
+        command = json.loads(line)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            images = pipeline(PROMPT, width=command["side"], height=command["side"],
+                              num_inference_steps=command["steps"], guidance_scale=7.5, output_type="np",
+                              generator=torch.Generator().manual_seed(0)).images
+        seconds = time.perf_counter() - started
+        if command.get("save"):
+            np.save(command["save"], (images[0] * 255).round().astype("uint8"))
+        print(json.dumps({"seconds": seconds, "finite": bool(np.isfinite(images).all())}), flush=True)
+
+
+class Child:
+    """A child process holding a pipeline (see child_main), driven line by line."""
+
+    def __init__(self, folder: Path, settings: dict, raw: bool):
+        started = time.perf_counter()
+        command = [sys.executable, str(Path(__file__).resolve()), "--child", str(folder), "--settings",
+                   json.dumps(settings)] + (["--raw"] if raw else [])
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                        stderr=subprocess.DEVNULL, env={**_offline_environment()})
+        self.loaded = self._answer()
+        self.cold_start = time.perf_counter() - started
+
+    def _answer(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the child process died (exit {self.process.wait()})")
+        return json.loads(line)
+
+    def generate(self, side: int, steps: int, save: Path | None = None) -> float:
+        self.process.stdin.write(json.dumps({"side": side, "steps": steps, "save": str(save) if save else ""}) + "\n")
+        self.process.stdin.flush()
+        answer = self._answer()
+        if not answer["finite"]:
+            raise RuntimeError("the raw pipeline made a NaN image")
+        return answer["seconds"]
+
+    def peak_rss(self) -> int:
+        return peak_rss(self.process.pid)
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+def _offline_environment() -> dict:
+    import os
+
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
+
+
+def peak_rss(pid: int) -> int:
+    """The process's peak resident set (VmHWM), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmHWM for process {pid}")
+
+
+# ------------------------------------------------------------------------------------------------ serving
+
+
+def model_config(path: Path, preset: dict, side: int) -> Path:
+    """The shipped model-config.yaml with the preset's handler settings and the served default size."""
+    import yaml
+
+    config = yaml.safe_load((REPO_ROOT / "model-config.yaml").read_text())
+    config["handler"] = {**(config.get("handler") or {}), **preset, "default_width": side, "default_height": side}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def build_archive(family: str, work: Path, config: Path, weights_dtype: str) -> tuple[Path, float]:
+    """``build_mar.sh --tiny --full-size`` into ``work``: (the .mar, wall seconds)."""
+    started = time.perf_counter()
+    dtype = ["--weights-dtype", weights_dtype] if weights_dtype != "float16" else []
+    subprocess.run([str(REPO_ROOT / "build_mar.sh"), "--tiny", "--full-size", "--family", family, "--config-file",
+                    str(config), "--export-path", str(work / "store"), "--work-dir", str(work / "scratch"), *dtype],
+                   check=True, env=_offline_environment())
+    return work / "store" / f"{MODEL}.mar", time.perf_counter() - started
+
+
+def log_seconds(log: str, pattern: str) -> float:
+    """The sum of every ``(\\d+.\\d+) s`` figure the worker log gives for ``pattern``."""
+    return sum(float(value) for value in re.findall(pattern, log))
+
+
+def served_request(server, side: int, steps: int) -> float:
+    import requests
+
+    started = time.perf_counter()
+    response = requests.post(f"{server.inference_url}/predictions/{MODEL}", headers=server.inference_headers(),
+                             json={"prompt": PROMPT, "width": side, "height": side, "num_inference_steps": steps,
+                                   "seed": 0, "output_format": "png"}, timeout=3600)
+    if response.status_code != 200:
+        raise RuntimeError(f"served request failed: {response.status_code} {response.text[:300]}")
+    return time.perf_counter() - started
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file() and not path.is_symlink())
+
+
+def scale(server, workers: int) -> None:
+    import requests
+
+    response = requests.put(f"{server.management_url}/models/{MODEL}?min_worker={workers}&max_worker={workers}"
+                            f"&synchronous=true", headers=server.management_headers(), timeout=1800)
+    if response.status_code >= 300:
+        raise RuntimeError(f"scaling to {workers} workers failed: {response.status_code} {response.text[:300]}")
+    deadline = time.monotonic() + 1800
+    while server.ready_workers(MODEL) != workers:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{workers} workers never became READY")
+        time.sleep(1)
+
+
+def extracted_pipeline(server) -> Path:
+    """The pipeline folder TorchServe extracted the .mar into (what the worker loads)."""
+    return next((server.folder / "tmp" / "models").glob("*/pipeline"))
+
+
+def shared_memory(pids: list[int]) -> tuple[int, int]:
+    """(sum of the processes' proportional set sizes, sum of their unique set sizes): shared pages count once
+    in the first, not at all in the second."""
+    import psutil
+
+    infos = [psutil.Process(pid).memory_full_info() for pid in pids]
+    return sum(info.pss for info in infos), sum(info.uss for info in infos)
+
+
+def measure_family(family: str, work: Path, runs: int, two_workers: bool, raw_baseline: bool,
+                   weights_dtype: str) -> list[Row]:
+    from harness.local_server import LocalTorchServe
+
+    case = CASES[family]
+    side, steps = case["side"], case["steps"]
+    group = f"{family} full size"
+    request = f"{side}x{side}, {steps} steps"
+    rows = []
+    work.mkdir(parents=True, exist_ok=True)
+    progress(f"{group}: building the archive (random weights, published configs)")
+    config = model_config(work / "model-config.yaml", PRESETS[SERVED_PRESET], side)
+    mar, build_seconds = build_archive(family, work, config, weights_dtype)
+    rows += [Row(group, f"build_mar.sh --tiny --full-size, weights {weights_dtype} (made + archived)",
+                 build_seconds, "s", n=1),
+             Row(group, "archive size", mar.stat().st_size / 1e9, "GB", n=1)]
+
+    progress(f"{group}: TorchServe cold start with the default .mar")
+    server = LocalTorchServe(work / "server", work / "store", {MODEL: mar.name})
+    launched = time.perf_counter()
+    server.start(timeout=3600)
+    cold_start = time.perf_counter() - launched
+    raw = None
+    try:
+        pipeline_folder = extracted_pipeline(server)
+        if raw_baseline:  # the same files the worker loaded, as warm in the page cache
+            progress(f"{group}: raw diffusers cold start (process start, imports, from_pretrained)")
+            raw = Child(pipeline_folder, PRESETS[SERVED_PRESET], raw=True)
+            rows += [Row(group, "raw diffusers: process start to loaded pipeline", raw.cold_start, "s", n=1),
+                     Row(group, "raw diffusers: imports", raw.loaded["imports"], "s", n=1),
+                     Row(group, "raw diffusers: from_pretrained", raw.loaded["load"], "s", n=1)]
+        log = (server.folder / "logs" / "model_log.log").read_text(errors="replace")
+        initialize = log_seconds(log, r"worker \d+ ready in (\d+\.\d+) s")
+        load = (log_seconds(log, r"read \w+ from .* in (\d+\.\d+) s")
+                + log_seconds(log, r"placed \w+ on .* in (\d+\.\d+) s"))
+        warmup = log_seconds(log, r"warm-up generation at .* took (\d+\.\d+) s")
+        handler_unpack = 0.0 if "unpacked" not in log else initialize - load - warmup
+        rows += [Row(group, "served: launch to READY worker", cold_start, "s", n=1,
+                     target=None if raw is None else at_most(1.5 * raw.cold_start + 5)),
+                 Row(group, "served: before the handler (TorchServe start, .mar extraction, worker imports)",
+                     cold_start - initialize, "s", n=1),
+                 Row(group, "served: handler unpack", handler_unpack, "s", n=1),
+                 Row(group, "served: pipeline load", load, "s", n=1),
+                 Row(group, "served: warm-up", warmup, "s", n=1),
+                 Row(group, "disk held while serving beyond the archive", folder_bytes(server.folder / "tmp") / 1e9,
+                     "GB", n=1),
+                 Row(group, "copies of the weights beyond the archive",
+                     folder_bytes(server.folder / "tmp") / mar.stat().st_size, "x", n=1, target=at_most(1.05))]
+        if raw is not None:
+            rows.append(Row(group, "cold start: served / raw", cold_start / raw.cold_start, "x", n=1))
+        served, raw_seconds = [], []
+        for turn in range(runs):
+            progress(f"{group}: {request}, turn {turn + 1}/{runs}: served")
+            served.append(served_request(server, side, steps))
+            if raw is not None:
+                progress(f"{group}: {request}, turn {turn + 1}/{runs}: raw diffusers")
+                raw_seconds.append(raw.generate(side, steps))
+        worker = server.worker_pids(MODEL)[0]
+        rows += [Row(group, f"served latency {request}", median(served), "s", n=runs, samples=served),
+                 Row(group, "served: first request / median of the next ones",
+                     served[0] / median(served[1:]) if runs > 1 else 1.0, "x", n=runs, target=at_most(1.1)),
+                 Row(group, "peak RSS, one worker", peak_rss(worker) / 1e9, "GB", n=1)]
+        if raw is not None:
+            rows += [Row(group, f"raw diffusers latency {request}", median(raw_seconds), "s", n=runs,
+                         samples=raw_seconds),
+                     Row(group, "served / raw latency", median(served) / median(raw_seconds), "x", n=runs,
+                         target=at_most(1.03)),
+                     Row(group, "peak RSS, raw diffusers after the same requests", raw.peak_rss() / 1e9, "GB", n=1),
+                     Row(group, "peak RSS: one worker / raw", peak_rss(worker) / raw.peak_rss(), "x", n=1,
+                         target=at_most(1.15))]
+            raw.close()
+            raw = None
+        if two_workers:
+            progress(f"{group}: scaling to two workers")
+            scale(server, 2)
+            pids = server.worker_pids(MODEL)
+            progress(f"{group}: one request per worker, at once")
+            threads = [threading.Thread(target=served_request, args=(server, side, steps)) for _ in pids]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            peaks = [peak_rss(pid) for pid in pids]
+            proportional, unique = shared_memory(pids)
+            rows += [Row(group, "peak RSS per worker, two workers (max)", max(peaks) / 1e9, "GB", n=2),
+                     Row(group, "peak RSS, two workers added up", sum(peaks) / 1e9, "GB", n=2),
+                     Row(group, "two workers after the requests: PSS added up (shared pages once)",
+                         proportional / 1e9, "GB", n=2),
+                     Row(group, "two workers after the requests: USS added up (pages of their own)", unique / 1e9,
+                         "GB", n=2)]
+    finally:
+        if raw is not None:
+            raw.close()
+        server.stop()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- presets
+
+
+def compare_presets(folder: Path, side: int, steps: int, runs: int, scratch: Path) -> list[Row]:
+    """Each preset in its own process (one at a time: memory), warmed up at 64x64, then timed at ``side``."""
+    import numpy as np
+
+    group = f"CPU presets, {side}x{side}, {steps} steps"
+    seconds, images = {}, {}
+    for name, settings in PRESETS.items():
+        progress(f"{group}: {name}")
+        child = Child(folder, settings, raw=False)
+        try:
+            child.generate(64, 1)
+            seconds[name] = [child.generate(side, steps, save=scratch / f"{len(images)}.npy") for _ in range(runs)]
+            images[name] = np.load(scratch / f"{len(images)}.npy")
+        finally:
+            child.close()
+    baseline = median(seconds["float32 eager"])
+    rows = []
+    for name, samples in seconds.items():
+        difference = int(np.abs(images[name].astype(int) - images["float32 eager"].astype(int)).max())
+        mean = float(np.abs(images[name].astype(float) - images["float32 eager"].astype(float)).mean())
+        rows += [Row(group, f"{name}: latency", median(samples), "s", n=runs, samples=samples),
+                 Row(group, f"{name}: speed-up vs float32 eager", baseline / median(samples), "x", n=runs,
+                     target=None if name == "float32 eager" else at_least(4.0)),
+                 Row(group, f"{name}: largest pixel difference vs float32", difference, "levels", n=1),
+                 Row(group, f"{name}: mean pixel difference vs float32", mean, "levels", n=1)]
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="SD 1.5 only")
+    parser.add_argument("--runs", type=int, default=2, help="timed turns per measurement (default: %(default)s)")
+    parser.add_argument("--weights-dtype", default="bfloat16", choices=("float16", "bfloat16"),
+                        help="the archive's weights: bfloat16 = the served dtype, so workers map and share them; "
+                             "float16 = as published, converted by each worker (default: %(default)s)")
+    parser.add_argument("--skip-presets", action="store_true", help="leave out the CPU preset comparison")
+    parser.add_argument("--work-dir", type=Path, help="where archives and servers go (default: a temporary folder)")
+    parser.add_argument("--output", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "realscale.json")
+    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--settings", default="{}", help=argparse.SUPPRESS)
+    parser.add_argument("--raw", action="store_true", help=argparse.SUPPRESS)
+    arguments = parser.parse_args(argv)
+    if arguments.child:
+        arguments.folder = arguments.child
+        child_main(arguments)
+        return 0
+    import torch
+
+    work = arguments.work_dir or Path(tempfile.mkdtemp(prefix="realscale-"))
+    rows = []
+    try:
+        sd1 = work / "sd1"
+        rows += measure_family("sd1", sd1, max(arguments.runs, 2), two_workers=True, raw_baseline=True,
+                               weights_dtype=arguments.weights_dtype)
+        if not arguments.skip_presets:
+            rows += compare_presets(sd1 / "scratch" / "full-sd1", CASES["sd1"]["side"], CASES["sd1"]["steps"],
+                                    1 if arguments.quick else arguments.runs, sd1)
+        shutil.rmtree(sd1, ignore_errors=True)
+        if not arguments.quick:
+            rows += measure_family("sdxl", work / "sdxl", 2, two_workers=False, raw_baseline=False,
+                                   weights_dtype=arguments.weights_dtype)
+    finally:
+        if arguments.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    context = {"machine": f"{torch.get_num_threads()} threads, shared with other jobs", "torch": torch.__version__,
+               "served_preset": SERVED_PRESET, "weights_dtype": arguments.weights_dtype, "prompt": PROMPT, "quick": arguments.quick,
+               "seconds": time.monotonic() - STARTED}
+    print()
+    print(markdown_table(rows))
+    write_json(arguments.output, rows, context)
+    progress(f"wrote {arguments.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
