@@ -34,11 +34,13 @@ def oldest_supported_python():
     return None
 
 
-def probe(server, check: str, python: str = sys.executable) -> tuple[int, str]:
-    """Run the probe as the kubelet would: a fresh process in the server's folder."""
+def probe(server, check: str, python: str = sys.executable, models: tuple[str, ...] = (MODEL,)) -> tuple[int, str]:
+    """Run the probe as the kubelet would: a fresh process in the server's folder. ``models=()`` leaves out
+    ``--model``, as the image's HEALTHCHECK does: every registered model must then have a READY worker."""
+    named = [argument for model in models for argument in ("--model", model)]
     done = subprocess.run([python, str(PROBE), check, "--url", server.inference_url, "--management-url",
                            server.management_url, "--key-file", str(server.folder / "key_file.json"),
-                           "--model", MODEL, "--timeout", "3"], capture_output=True, text=True, timeout=60)
+                           *named, "--timeout", "3"], capture_output=True, text=True, timeout=60)
     return done.returncode, done.stdout.strip()
 
 
@@ -93,11 +95,15 @@ def test_live_at_once_ready_only_after_the_worker_loaded_and_warmed_up(launched)
     assert "answered /ping (400)" in said  # asked without a key: the refusal is the sign of life
     status, said = probe(server, "ready")
     assert status == 1 and "no READY worker" in said, said
+    status, said = probe(server, "ready", models=())  # /ping is already Healthy here: the model list decides
+    assert status == 1 and f"model {MODEL} has no READY worker" in said, said
     assert requests.get(f"{server.inference_url}/ping", timeout=5).status_code == 400  # auth is still on
 
     worker.send_signal(signal.SIGCONT)
     wait_until(lambda: probe(server, "ready")[0] == 0, "readiness", timeout=300)
     assert server.ready_workers(MODEL) >= 1
+    status, said = probe(server, "ready", models=())
+    assert status == 0 and MODEL in said, said
     wait_for_log(server, r"warm-up generation at .* took", offset)
     assert probe(server, "live")[0] == 0
 
