@@ -93,6 +93,9 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--embedding", action="append", default=[], metavar="NAME=FILE",
                         help="pack a textual-inversion embedding (.safetensors: AUTOMATIC1111, diffusers or an SDXL "
                              "clip_l/clip_g pair) that prompts use by NAME; repeatable")
+    parser.add_argument("--ip-adapter", action="append", default=[], metavar="NAME=DIR",
+                        help="pack an IP-Adapter (its .safetensors with the image_encoder/ beside it) that requests "
+                             "name in ip_adapter; repeatable; each is loaded into the pipeline first")
     arguments = parser.parse_args(argv)
     if arguments.revision and not arguments.model_id:
         parser.error("--revision goes with --model-id")
@@ -393,6 +396,14 @@ def build(arguments: argparse.Namespace) -> Path:
         try:
             stage_embeddings(arguments.embedding, folder, staging, progress)
         except EmbeddingError as error:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise SystemExit(f"build_mar: {error}") from None
+    if arguments.ip_adapter:
+        from builder.ip_adapters import IpAdapterError, stage_ip_adapters
+
+        try:
+            stage_ip_adapters(arguments.ip_adapter, folder, staging, progress)
+        except IpAdapterError as error:
             shutil.rmtree(staging, ignore_errors=True)
             raise SystemExit(f"build_mar: {error}") from None
     if arguments.archive_format == "zip":

@@ -25,6 +25,7 @@ from handler.core.settings import HandlerSettings
 from handler.model.adapters import find_loras, serve_loras
 from handler.model.controlnets import controlnet_folders, load_controlnets
 from handler.model.embeddings import find_embeddings, load_embeddings
+from handler.model.ip_adapters import ip_adapter_folders, load_ip_adapters
 from handler.model.device import Placement, choose_placement, select_device
 from handler.model.loading import optimize_pipeline, read_pipeline
 from handler.model.memory_budget import MemoryReservations, weight_bytes
@@ -110,6 +111,7 @@ def build_service(model_dir: Path, settings: HandlerSettings = HandlerSettings()
                              settings, placement.dtype)
     pipeline = read_pipeline(folder, placement, settings)
     embeddings = load_embeddings(pipeline, find_embeddings(model_dir, settings.embedding_dir))
+    ip_adapters = load_ip_adapters(pipeline, ip_adapter_folders(model_dir))
     # LoRA hot-swap slots must exist before the pipeline is compiled.
     loras = serve_loras(pipeline, find_loras(model_dir, settings.lora_dir), settings.max_loras,
                         settings.max_loaded_loras, hotswap=settings.torch_compile)
@@ -122,11 +124,12 @@ def build_service(model_dir: Path, settings: HandlerSettings = HandlerSettings()
     engine = GenerationEngine(pipeline, settings.max_batch_pixels, on_call=on_call,
                               safety_checker=settings.safety_checker, loras=loras,
                               prompt_encoder=prompt_encoder_for(pipeline, settings.prompt_syntax),
-                              controlnets=controlnets,
+                              controlnets=controlnets, ip_adapters=ip_adapters,
                               call_shapes=call_shapes, model_name=model.name)  # the images' metadata names the model
     contract = Contract(settings, replace(
         capabilities_of(pipeline, engine.tasks), loras=loras.names if loras is not None else (),
         controlnets=tuple(controlnets), embeddings=embeddings,
+        ip_adapters=ip_adapters.names if ip_adapters is not None else (),
         controlnet_tasks=controlnet_tasks(type(pipeline).__name__, engine.tasks) if controlnets else ()))
     service = Service(settings, placement, contract, engine, load_translator(model_dir, settings.translate,
                                                                               placement.device),

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import REPO_ROOT
-from helpers import SMALL, npy, predict, run_build_mar, stop_server, write_model_config
+from helpers import SMALL, npy, png_base64, predict, run_build_mar, solid, stop_server, write_model_config
 
 FAMILIES = {"sd1": "sd1", "sd2-v": "sd2", "sdxl": "sdxl"}  # tiny family -> detected checkpoint family
 
@@ -122,6 +122,8 @@ def test_config_from_goes_with_checkpoint(tmp_path):
 def test_each_checkpoint_serves_the_image_of_its_folder(checkpoints, tmp_path):
     from harness.local_server import LocalTorchServe
 
+    from builder.tiny_ip_adapter import build_tiny_ip_adapter
+
     store = tmp_path / "store"
     config = write_model_config(tmp_path / "model-config.yaml", handler_settings={"warmup": False})
     models = {}
@@ -129,10 +131,17 @@ def test_each_checkpoint_serves_the_image_of_its_folder(checkpoints, tmp_path):
         name = family.replace("-", "_")
         run_build_mar("--model-dir", folder, "--name", f"{name}_folder", "--archive-format", "no-archive",
                       "--config-file", config, "--export-path", store, "--work-dir", tmp_path / "work")
+        extras = []
+        if family == "sd1":  # a zipped .mar that also carries an embedding and an IP-Adapter, unused here
+            save_file({"emb_params": torch.randn(2, 32, generator=torch.Generator().manual_seed(0))},
+                      tmp_path / "castlestyle.safetensors")
+            extras = ["--embedding", f"castlestyle={tmp_path / 'castlestyle.safetensors'}", "--ip-adapter",
+                      f"style={build_tiny_ip_adapter(folder, tmp_path / 'ip-adapter')}"]
         run_build_mar("--checkpoint", checkpoint, "--config-from", folder, "--name", f"{name}_checkpoint",
-                      "--archive-format", "no-archive", "--config-file", config, "--export-path", store,
-                      "--work-dir", tmp_path / "work")
-        models.update({f"{name}_folder": f"{name}_folder", f"{name}_checkpoint": f"{name}_checkpoint"})
+                      "--archive-format", "zip" if extras else "no-archive", "--config-file", config,
+                      "--export-path", store, "--work-dir", tmp_path / "work", *extras)
+        models.update({f"{name}_folder": f"{name}_folder",
+                       f"{name}_checkpoint": f"{name}_checkpoint" + (".mar" if extras else "")})
     server = LocalTorchServe(tmp_path / "server", store, models)
     server.start(timeout=600)
     try:
@@ -143,5 +152,10 @@ def test_each_checkpoint_serves_the_image_of_its_folder(checkpoints, tmp_path):
             from_checkpoint = npy(predict(server, body, model=f"{name}_checkpoint"))
             assert from_folder.std() > 0, family
             np.testing.assert_array_equal(from_checkpoint, from_folder, err_msg=family)
+        styled = npy(predict(server, {**body, "prompt": "a castle on a hill, by castlestyle"}, model="sd1_checkpoint"))
+        image_prompted = npy(predict(server, {**body, "ip_adapter": "style", "ip_adapter_image": png_base64(
+            solid(64, 64, 200))}, model="sd1_checkpoint"))
+        plain = npy(predict(server, body, model="sd1_checkpoint"))
+        assert not np.array_equal(styled, plain) and not np.array_equal(image_prompted, plain)
     finally:
         stop_server(server)

@@ -34,24 +34,43 @@ def test_the_documented_builds_run_on_tiny_files(tmp_path):
     for seed, name in enumerate(("easynegative", "castlestyle")):
         save_file({"emb_params": torch.randn(2, 32, generator=torch.Generator().manual_seed(seed))},
                   tmp_path / "embeddings" / f"{name}.safetensors")
+    from builder.tiny_ip_adapter import WEIGHTS, build_tiny_ip_adapter
+
+    adapter = build_tiny_ip_adapter(tmp_path / "layouts" / "sd15", tmp_path / "IP-Adapter" / "models")
+    (adapter / WEIGHTS).rename(adapter / "ip-adapter_sd15.safetensors")  # the name h94/IP-Adapter gives it
     builds = documented("./build_mar.sh")
-    assert len(builds) == 2
+    assert len(builds) == 3
+    packed = []
     for command in builds:
         arguments = shlex.split(command)[1:] + ["--export-path", str(tmp_path / "model_store"),
                                                 "--work-dir", str(tmp_path / "build")]
         result = subprocess.run([str(REPO_ROOT / "build_mar.sh"), *arguments], cwd=tmp_path, capture_output=True,
                                 text=True, env={**os.environ, "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1"})
         assert result.returncode == 0, command + "\n" + result.stderr[-3000:]
-    with zipfile.ZipFile(tmp_path / "model_store" / "dreamshaper.mar") as archive:
-        names = archive.namelist()
-    assert "embeddings/easynegative.safetensors" in names and "embeddings/castlestyle.safetensors" in names
-    assert any(name.endswith("unet/diffusion_pytorch_model.safetensors") for name in names)
+        with zipfile.ZipFile(tmp_path / "model_store" / "dreamshaper.mar") as archive:
+            packed.append(archive.namelist())
+    assert all(any(name.endswith("unet/diffusion_pytorch_model.safetensors") for name in names) for names in packed)
+    assert {"embeddings/easynegative.safetensors", "embeddings/castlestyle.safetensors"} <= set(packed[1])
+    assert "ip_adapters/style/image_encoder/model.safetensors" in packed[2]
+
+
+def test_the_documented_ip_adapter_request_is_a_valid_body(tmp_path):
+    from handler.core.contract import FIELD_NAMES
+
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), "orange").save(tmp_path / "painting.png")
+    for command in documented("python3 -c"):
+        subprocess.run(command, shell=True, cwd=tmp_path, check=True)
+    body = json.loads((tmp_path / "request.json").read_text())
+    assert set(body) <= set(FIELD_NAMES) and body["ip_adapter"] == "style"
+    assert documented("curl")[-1].count("-d @request.json") == 1
 
 
 def test_the_documented_requests_name_the_packed_embeddings():
     packed = set(re.findall(r"--embedding (\w+)=", " ".join(documented("./build_mar.sh"))))
     bodies = [json.loads(shlex.split(command)[shlex.split(command).index("-d") + 1])
-              for command in documented("curl")]
+              for command in documented("curl") if "-d @" not in command]
     assert bodies and all(body["prompt"] for body in bodies)
     used = {word for body in bodies for text in (body["prompt"], body.get("negative_prompt", ""))
             for word in re.findall(r"\w+", text) if word in packed}

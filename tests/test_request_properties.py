@@ -124,7 +124,7 @@ EDGES = {
 def declared_values(spec) -> st.SearchStrategy:
     """Values of a field's declared type, for a field added to FIELDS after these strategies were written."""
     kind = spec.type
-    if isinstance(kind, Choice):
+    if isinstance(kind, Choice) and kind.choices:  # a choice of capabilities this model lacks has none
         return st.sampled_from(list(kind.choices))
     if isinstance(kind, Boolean):
         return st.booleans()

@@ -49,13 +49,14 @@ def test_the_trap_does_run_code_when_unpickled(tmp_path):
     assert (tmp_path / "proof-marker").exists()
 
 
-@pytest.mark.parametrize("option", ["--lora", "--checkpoint", "--embedding"])
+@pytest.mark.parametrize("option", ["--lora", "--checkpoint", "--embedding", "--ip-adapter"])
 @pytest.mark.parametrize("suffix", [".ckpt", ".pt", ".pth", ".bin"])
 def test_a_pickle_file_is_refused_unopened_with_the_reason_and_the_conversion(tmp_path, option, suffix):
     marker = tmp_path / "marker"
     trap = write_trap(tmp_path / f"style{suffix}", marker)
     arguments = {"--lora": ["--tiny", "--lora", f"style={trap}"], "--checkpoint": ["--checkpoint", trap],
-                 "--embedding": ["--tiny", "--embedding", f"style={trap}"]}[option]
+                 "--embedding": ["--tiny", "--embedding", f"style={trap}"],
+                 "--ip-adapter": ["--tiny", "--ip-adapter", f"style={trap}"]}[option]
     result = build_mar(*arguments, "--export-path", tmp_path / "store", "--work-dir", tmp_path / "work")
     assert result.returncode != 0
     assert "arbitrary code" in result.stderr and "CVE-2025-32434" in result.stderr

@@ -32,7 +32,8 @@ class ModelCapabilities:
     loras: tuple[str, ...] = ()  # the LoRA adapters a request may name (handler/model/adapters.py)
     controlnets: tuple[str, ...] = ()  # the packaged ControlNets, by name (handler/model/controlnets.py)
     controlnet_tasks: tuple[str, ...] = ()  # the tasks they work with
-    embeddings: tuple[str, ...] = ()  # textual-inversion words a prompt may use (handler/model/embeddings.py)
+    embeddings: tuple[str, ...] = ()
+    ip_adapters: tuple[str, ...] = ()  # the packed IP-Adapters, by name (handler/model/ip_adapters.py)  # textual-inversion words a prompt may use (handler/model/embeddings.py)
 
     def describe(self, default_width: int, default_height: int) -> dict:
         """The capabilities as the describe API shows them."""
@@ -41,7 +42,7 @@ class ModelCapabilities:
                 "size_multiple": self.size_multiple, "negative_prompt": self.negative_prompt,
                 "default_width": default_width, "default_height": default_height, "loras": list(self.loras),
                 "controlnets": list(self.controlnets), "controlnet_tasks": list(self.controlnet_tasks),
-                "embeddings": list(self.embeddings)}
+                "embeddings": list(self.embeddings), "ip_adapters": list(self.ip_adapters)}
 
 
 def capabilities_of(pipeline, tasks: tuple[str, ...]) -> ModelCapabilities:

@@ -27,11 +27,12 @@ from handler.core.fields import (
     NONE, PIPELINE_SCHEDULER, RANDOM, REQUIRED, Boolean, Borders, Capability, Choice, FieldSpec, ImageInput,
     Integer, LoraList, Number, OneOrMany, Setting, Text, is_given,
 )
-from handler.core.requests import MAX_SEED, GenerationRequest
+from handler.core.requests import MAX_SEED, GenerationRequest, ImagePrompt
 from handler.core.settings import HandlerSettings, SettingsError
 
 SIDE = Integer(Setting("min_side"), Setting("max_side"), Capability("size_multiple"))
 CONTROL = {"capability": "controlnets"}
+MAX_IP_ADAPTER_SCALE = 2.0
 FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("prompt", Text(Setting("max_prompt_length"), required=True), REQUIRED, "what to draw"),
     FieldSpec("negative_prompt", Text(Setting("max_prompt_length")), NONE,
@@ -82,12 +83,21 @@ FIELDS: tuple[FieldSpec, ...] = (
               "canny: gradients below it are never edges", requires=("controlnet", "control_preprocess"), **CONTROL),
     FieldSpec("canny_high", Integer(0, CANNY_MAX_THRESHOLD), CANNY_HIGH,
               "canny: gradients above it are always edges", requires=("controlnet", "control_preprocess"), **CONTROL),
+    FieldSpec("ip_adapter", Choice(Capability("ip_adapters")), NONE,
+              "the packed IP-Adapter whose image prompt steers the image (with every task)",
+              requires=("ip_adapter_image",), capability="ip_adapters"),
+    FieldSpec("ip_adapter_image", ImageInput("RGB", Setting("max_input_image_pixels")), NONE,
+              "the image prompt of ip_adapter", requires=("ip_adapter",), capability="ip_adapters"),
+    FieldSpec("ip_adapter_scale", Number(0.0, MAX_IP_ADAPTER_SCALE), 1.0,
+              "how strongly the image prompt steers (0: not at all)", requires=("ip_adapter",),
+              capability="ip_adapters"),
 )
 FIELD_NAMES = tuple(spec.name for spec in FIELDS)
 # What a field whose ``capability`` the loaded pipeline lacks would need, for the refusal's message.
 CAPABILITY_NEEDS = {"negative_prompt": "negative prompts",
                     "loras": "LoRA files (build_mar.sh --lora NAME=PATH, or the lora_dir setting)",
-                    "controlnets": "ControlNets (packed with build_mar.sh --controlnet NAME=FOLDER)"}
+                    "controlnets": "ControlNets (packed with build_mar.sh --controlnet NAME=FOLDER)",
+                    "ip_adapters": "IP-Adapters (packed with build_mar.sh --ip-adapter NAME=DIR)"}
 
 
 # --- Rules over several fields, which a JSON Schema cannot state ----------------------------------------------
@@ -257,6 +267,9 @@ class Contract:
             image=image, mask_image=mask_image, strength=self.value(values, "strength") if "image" in values else None,
             loras=values.get("loras", ()),
             control=prepare.control_condition(self.fields, values, width, height) if "controlnet" in values else None,
+            ip_adapter=ImagePrompt(values["ip_adapter"], self.fields["ip_adapter_image"].type.decode(
+                "ip_adapter_image", values["ip_adapter_image"]), self.value(values, "ip_adapter_scale"))
+            if "ip_adapter" in values else None,
         )
 
     def _check_names(self, body: Mapping[str, Any], fields: Mapping[str, FieldSpec]) -> None:

@@ -96,12 +96,13 @@ class GenerationEngine:
     def __init__(self, pipeline, max_batch_pixels: int,
                  on_call: Optional[Callable[[int, int, float], None]] = None, safety_checker: bool = True,
                  loras=None, prompt_encoder: Optional[PromptEncoder] = None, controlnets: Optional[dict] = None,
-                 call_shapes: Optional[frozenset] = None, model_name: Optional[str] = None):
+                 call_shapes: Optional[frozenset] = None, model_name: Optional[str] = None, ip_adapters=None):
         """``on_call(images, pixel_steps, seconds)`` is told about every successful pipeline call (metrics).
         ``safety_checker=False`` runs a pipeline that has one without it (an operator's choice).
         ``loras``: the LoraAdapters (handler/model/adapters.py) that switch LoRA sets per call, if any.
         ``prompt_encoder``: reads prompts in a weighting syntax, long ones in chunks (None: the pipeline's text).
         ``controlnets``: the loaded ControlNet models by name, for requests that name them.
+        ``ip_adapters``: the IpAdapters (handler/model/ip_adapters.py) loaded into the UNet, if any.
         ``call_shapes``, a set of (width, height, images), bounds the calls to those shapes (CUDA graphs keep
         one recording per shape, so an unbounded set of shapes would use unbounded memory).
         ``model_name``: the served model's name, which results carry into the images' metadata."""
@@ -113,6 +114,7 @@ class GenerationEngine:
         self.on_call = on_call
         self.loras = loras
         self.prompt_encoder = prompt_encoder
+        self.ip_adapters = ip_adapters
         self.call_shapes = call_shapes
         self.model_name = model_name
         self._schedulers = SchedulerFactory(pipeline.scheduler)
@@ -305,6 +307,10 @@ class GenerationEngine:
             arguments["mask_image"] = [request.mask_image for request, _ in per_image]
         if task_pipeline.takes_size:
             arguments["height"], arguments["width"] = first.height, first.width
+        if self.ip_adapters is not None:
+            guidance = first.guidance_scale > 1 and self.pipeline.unet.config.time_cond_proj_dim is None
+            arguments.update(self.ip_adapters.arguments(pipeline, [request.ip_adapter for request, _ in per_image],
+                                                        guidance))
         if first.control is not None:
             arguments.update(control_arguments(task_pipeline.pipeline_class,
                                                [request.control for request, _ in per_image]))

@@ -12,6 +12,15 @@ MAX_SEED = 2**63 - 1  # torch.Generator seeds are 64-bit; JSON clients keep them
 
 
 @dataclass(frozen=True)
+class ImagePrompt:
+    """An IP-Adapter's image prompt: which adapter, the decoded image, and how strongly it steers."""
+
+    name: str
+    image: Image.Image = field(compare=False)
+    scale: float
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """What to generate for one client request, validated: the core trusts every value."""
 
@@ -30,6 +39,7 @@ class GenerationRequest:
     strength: Optional[float] = None
     loras: tuple[tuple[str, float], ...] = ()  # (name, scale) sorted by name; () for the base model
     control: Optional[ControlCondition] = None
+    ip_adapter: Optional[ImagePrompt] = None
     prompt_translated: Optional[str] = None  # set by the translator (handler/model/translation.py)
     negative_prompt_translated: Optional[str] = None
 
@@ -63,4 +73,5 @@ class GenerationRequest:
         """Requests with equal keys can share one pipeline call (a deadline stops a call: only equal ones share)."""
         return (self.task, self.width, self.height, self.num_inference_steps, self.guidance_scale,
                 self.scheduler, self.strength, self.negative_prompt is not None, self.timeout_seconds,
-                self.loras, self.control.batch_key() if self.control is not None else None)
+                self.loras, self.control.batch_key() if self.control is not None else None,
+                (self.ip_adapter.name, self.ip_adapter.scale) if self.ip_adapter is not None else None)
