@@ -66,12 +66,12 @@ def test_only_url_paths_under_sdapi_v1_come_to_this_protocol(url_path, route):
 def test_a1111_fields_and_defaults_become_the_contracts_fields():
     generation = read(body={"prompt": "a fox <lora:ink:0.5> at dusk <lora:pencil>", "negative_prompt": "",
                             "seed": 7, "batch_size": 2, "n_iter": 2, "sampler_name": "DPM++ 2M",
-                            "scheduler": "Karras", "cfg_scale": 5, "steps": 3}).request.generation
+                            "scheduler": "Karras", "cfg_scale": 5, "steps": 3}).request
     assert generation.prompt == "a fox at dusk" and generation.negative_prompt is None
     assert generation.loras == (("ink", 0.5), ("pencil", 1.0))
     assert generation.seeds == (7, 8, 9, 10)  # batch_size x n_iter images, seed + i as in A1111
     assert generation.scheduler == "dpmpp_2m_karras" and generation.guidance_scale == 5
-    defaults = read(body={"prompt": "a fox"}).request.generation
+    defaults = read(body={"prompt": "a fox"}).request
     assert (defaults.width, defaults.height, defaults.num_inference_steps, defaults.guidance_scale) == (512, 512, 50,
                                                                                                         7.0)
     assert defaults.scheduler is None and len(defaults.seeds) == 1  # seed -1: drawn
@@ -95,8 +95,8 @@ def test_what_sillytavern_sends_by_habit_is_accepted():
             "override_settings_restore_afterwards": True, "clip_skip": 1, "save_images": True, "send_images": True,
             "do_not_save_grid": False, "do_not_save_samples": False, **SMALL}
     call = read(body=body)
-    assert call.request.generation.scheduler == "dpmpp_2m_karras"
-    assert call.request.generation.strength is None  # txt2img reads denoising_strength only with enable_hr
+    assert call.request.scheduler == "dpmpp_2m_karras"
+    assert call.request.strength is None  # txt2img reads denoising_strength only with enable_hr
     assert "auth" not in call.echo and "url" not in call.echo  # a credential is never echoed back
 
 
@@ -141,13 +141,13 @@ def test_img2img_maps_init_images_mask_and_strength():
     call = read("img2img", {"prompt": "a fox", "init_images": ["data:image/png;base64," + png_base64(image)],
                             "mask": png_base64(mask), "denoising_strength": 0.5, "mask_blur": 0,
                             "inpainting_fill": 1, "inpaint_full_res": False, "include_init_images": False, **SMALL})
-    generation = call.request.generation
+    generation = call.request
     assert generation.task == "inpainting" and generation.strength == 0.5
     assert np.array_equal(np.asarray(generation.mask_image.convert("L")) > 127, mask > 127)
     inverted = read("img2img", {"prompt": "a fox", "init_images": [png_base64(image)], "mask": png_base64(mask),
-                                "mask_blur": 0, "inpainting_mask_invert": 1, **SMALL}).request.generation
+                                "mask_blur": 0, "inpainting_mask_invert": 1, **SMALL}).request
     assert np.array_equal(np.asarray(inverted.mask_image.convert("L")) > 127, mask <= 127)
-    plain = read("img2img", {"prompt": "a fox", "init_images": [png_base64(image)], **SMALL}).request.generation
+    plain = read("img2img", {"prompt": "a fox", "init_images": [png_base64(image)], **SMALL}).request
     assert plain.task == "image-to-image" and plain.strength == 0.75  # A1111's default denoising_strength
     assert refused("img2img", {"prompt": "a fox", **SMALL}).field == "init_images"
     assert refused("img2img", {"prompt": "a fox", "init_images": [png_base64(image)], "inpainting_fill": 2,
@@ -185,7 +185,7 @@ def test_post_options_takes_this_model_and_the_options_sent_back_unchanged():
 
 def test_a_result_is_images_parameters_and_an_info_string_with_infotexts():
     call = read(body={"prompt": "a fox", "seed": 3, "batch_size": 2, "sampler_name": "Euler a", **SMALL})
-    generation = call.request.generation
+    generation = call.request
     images = np.zeros((2, 64, 64, 3), np.uint8)
     reply = PROTOCOL.respond(call, [GenerationResult(generation, images, scheduler="euler_a", model="tiny-sd")])
     document = json.loads(reply.body)
@@ -199,7 +199,7 @@ def test_a_result_is_images_parameters_and_an_info_string_with_infotexts():
     picture = Image.open(io.BytesIO(base64.b64decode(document["images"][1])))
     assert picture.text["parameters"] == info["infotexts"][1]
     quiet = read(body={"prompt": "a fox", "send_images": False, **SMALL})
-    assert json.loads(PROTOCOL.respond(quiet, [GenerationResult(quiet.request.generation, images[:1],
+    assert json.loads(PROTOCOL.respond(quiet, [GenerationResult(quiet.request, images[:1],
                                                             scheduler="pndm")]).body)["images"] == []
 
 

@@ -56,6 +56,7 @@ def test_the_documented_builds_run_on_tiny_files(tmp_path):
 
 def test_the_documented_ip_adapter_request_is_a_valid_body(tmp_path):
     from handler.core.contract import FIELD_NAMES
+    from handler.protocols import native
 
     from PIL import Image
 
@@ -63,7 +64,7 @@ def test_the_documented_ip_adapter_request_is_a_valid_body(tmp_path):
     for command in documented("python3 -c"):
         subprocess.run(command, shell=True, cwd=tmp_path, check=True)
     body = json.loads((tmp_path / "request.json").read_text())
-    assert set(body) <= set(FIELD_NAMES) and body["ip_adapter"] == "style"
+    assert set(body) <= set(FIELD_NAMES) | {spec.name for spec in native.FIELDS} and body["ip_adapter"] == "style"
     assert documented("curl")[-1].count("-d @request.json") == 1
 
 

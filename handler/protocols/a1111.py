@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-from PIL import Image, ImageFilter, ImageOps
+from PIL import ImageFilter, ImageOps
 
 from handler.core.contract import Contract
 from handler.core.requests import GenerationRequest
