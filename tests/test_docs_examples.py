@@ -37,8 +37,9 @@ pytestmark = pytest.mark.serving
 
 # The pages in the order a reader would run them: the README's demo leaves the server running; the pages
 # that rebuild the archive come after the ones that use the demo's archive.
-PAGES = ["README.md", "docs/api.md", "docs/openai.md", "docs/kserve.md", "docs/configuration.md",
-         "docs/prompts.md", "docs/adapters.md", "docs/building.md", "docs/deploying.md"]
+PAGES = ["README.md", "docs/api.md", "docs/openai.md", "docs/a1111-clients.md", "docs/kserve.md",
+         "docs/configuration.md", "docs/prompts.md", "docs/adapters.md", "docs/building.md", "docs/deploying.md",
+         "docs/several-models.md"]
 RUNNABLE = ("bash", "python")
 BLOCK = re.compile(r"(?:<!-- not run: (?P<reason>[^>]*?) -->\n)?^```(?P<lang>\w*)\n(?P<code>.*?)^```\n",
                    re.MULTILINE | re.DOTALL)
@@ -82,6 +83,7 @@ IMAGES = {
     "out/fox-two.png": ("PNG", (256, 256)),
     "out/fox-edges-client.png": ("PNG", (256, 256)),
     "out/lighthouse-lb.png": ("PNG", (256, 256)),
+    "out/lighthouse-a1111.png": ("PNG", (64, 64)),
 }
 DOCUMENTS = {
     "out/astronaut.json": lambda document: np.array(document, dtype=np.uint8).shape == (768, 768, 3),
@@ -102,6 +104,9 @@ QUOTED = {
     ("docs/adapters.md", "watercolor"): "not a LoRA of this model; available: ['anime', 'sketch']",
     ("docs/configuration.md", "min_worker=2"): '"status": "READY"',
     ("docs/deploying.md", "multinode.sh start"): "X-Upstream: 127.0.0.1:",
+    ("docs/a1111-clients.md", "import webuiapi"): "[7] a lighthouse at dusk",
+    ("docs/several-models.md", "from openai import OpenAI"): "sd15 ",
+    ("docs/several-models.md", "for model in client.models.list()"): "sdxl ",
 }
 
 

@@ -68,6 +68,13 @@ def test_the_documented_ip_adapter_request_is_a_valid_body(tmp_path):
     assert documented("curl")[-1].count("-d @request.json") == 1
 
 
+def test_the_documented_requests_carry_the_inference_key():
+    # Token authorization is on in the shipped config.properties: a request without the key gets a 401.
+    requests = documented("curl")
+    assert len(requests) == 3 and all('-H "Authorization: Bearer $TOKEN"' in command for command in requests)
+    assert "TOKEN=$(" in PAGE
+
+
 def test_the_documented_requests_name_the_packed_embeddings():
     packed = set(re.findall(r"--embedding (\w+)=", " ".join(documented("./build_mar.sh"))))
     bodies = [json.loads(shlex.split(command)[shlex.split(command).index("-d") + 1])

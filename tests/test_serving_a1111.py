@@ -131,19 +131,3 @@ def test_errors_are_in_a1111s_shape_and_the_worker_keeps_serving(torchserve):
     assert bad.status_code == 400 and bad.json()["field"] == "steps"
     assert requests.get(f"{url}/interrogate", headers=headers, timeout=60).status_code == 404
     assert requests.post(f"{url}/txt2img", headers=headers, timeout=300, json={"prompt": "x", **TINY}).ok
-
-
-def python_example(page: str) -> str:
-    """The page's Python example, as a user copies it."""
-    from helpers import REPO_ROOT
-
-    return (REPO_ROOT / "docs" / page).read_text().split("```python\n", 1)[1].split("```", 1)[0]
-
-
-def test_the_docs_webuiapi_example_runs(torchserve, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("A1111_URL", base_url(torchserve))
-    monkeypatch.setenv("TS_KEY", torchserve.keys()["inference"]["key"])
-    exec(compile(python_example("a1111-clients.md"), "a1111-clients.md", "exec"), {})
-    assert parse_infotext(Image.open(tmp_path / "lighthouse.png").info["parameters"])["Seed"] == "7"
-    assert "[7]" in capsys.readouterr().out

@@ -152,12 +152,3 @@ def test_requests_during_a_node_restart_never_get_a_400(gateway):
     assert after == [200] * 4
     log = open(f"{gateway.run_dir}/nginx-nodes.log").read()
     assert " 400 " not in log  # no request reached a node with a stale key
-
-
-def test_the_docs_openai_example_runs(gateway, monkeypatch, capsys):
-    page = (REPO_ROOT / "docs" / "several-models.md").read_text()
-    monkeypatch.setenv("GATEWAY_URL", gateway.url)
-    monkeypatch.setenv("GATEWAY_KEY", gateway.gateway_key())
-    exec(compile(page.split("```python\n", 1)[1].split("```", 1)[0], "several-models.md", "exec"), {})
-    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == list(MODELS)
-    assert "--model sd15=model_store/sd15.mar --model sdxl=model_store/sdxl.mar" in page  # the fixture's form

@@ -137,8 +137,10 @@ def metric_value(server, name: str) -> float:
 def test_a_dropped_stream_generates_on_until_its_timeout_seconds_stops_it(server):
     # No sign of the client's disconnect reaches the worker (docs/api.md): timeout_seconds is the client's tool.
     stopped_before = metric_value(server, "DeadlineStoppedRequests")
-    # The first step takes a few seconds at most, the whole generation minutes: the client drops it mid-way.
-    body = {"prompt": "a slow cat", "num_inference_steps": 150, "width": 256, "height": 256, "timeout_seconds": 15,
+    # At 768x768 a tiny-model step takes about 0.8 s on an idle 2-core machine: the first step arrives well inside
+    # the 15 s, and the 150 steps (about two minutes) cannot all finish inside it even on a machine several times
+    # faster. At 256x256 they once did (9 s idle), and the deadline had nothing to stop.
+    body = {"prompt": "a slow cat", "num_inference_steps": 150, "width": 768, "height": 768, "timeout_seconds": 15,
             "stream": True}
     with requests.post(f"{server.inference_url}/predictions/{MODEL}", json=body, headers=server.inference_headers(),
                        stream=True, timeout=300) as response:
