@@ -16,12 +16,15 @@ figure here stands for the real checkpoint of the same architecture (builder/ful
 - served against raw diffusers latency, taking turns so that a slow spell of a shared machine hits both; the
   first served request (right after the warm-up) against the next ones;
 - peak RSS per worker with one and two workers, against the raw process after the same request;
-- each CPU preset against float32 eager on the same request, with the largest pixel difference.
+- each CPU preset against float32 eager on the same request, with the largest pixel difference;
+- SDXL (without ``--quick``): one worker at 1024x1024 under a ``memory_budget_gb`` that holds one worker, and a
+  scale-up to two that the budget refuses while the first worker goes on serving.
 Memory: at most one served model and one raw process are alive at a time.
 """
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -49,6 +52,9 @@ PRESETS = {
     "float32 eager": {"dtype": "float32"},
     "bfloat16 eager": {"dtype": "bfloat16"},
     "bfloat16 channels-last": {"dtype": "bfloat16", "channels_last": True},
+    "bfloat16 channels-last, inductor with freezing": {"dtype": "bfloat16", "channels_last": True,
+                                                        "torch_compile": True, "compile_vae": True,
+                                                        "compile_freezing": True},
 }
 SERVED_PRESET = "bfloat16 eager"  # served and raw both hold this one: the fastest eager preset measured here
 
@@ -158,12 +164,14 @@ def peak_rss(pid: int) -> int:
 # ------------------------------------------------------------------------------------------------ serving
 
 
-def model_config(path: Path, preset: dict, side: int) -> Path:
-    """The shipped model-config.yaml with the preset's handler settings and the served default size."""
+def model_config(path: Path, preset: dict, side: int, memory_budget_gb: float = 0.0) -> Path:
+    """The shipped model-config.yaml with the preset's handler settings, the served default size and a memory
+    budget (0: none)."""
     import yaml
 
     config = yaml.safe_load((REPO_ROOT / "model-config.yaml").read_text())
-    config["handler"] = {**(config.get("handler") or {}), **preset, "default_width": side, "default_height": side}
+    config["handler"] = {**(config.get("handler") or {}), **preset, "default_width": side, "default_height": side,
+                         "memory_budget_gb": memory_budget_gb}
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -176,6 +184,36 @@ def build_archive(family: str, work: Path, config: Path, weights_dtype: str) -> 
                     str(config), "--export-path", str(work / "store"), "--work-dir", str(work / "scratch"), *dtype],
                    check=True, env=_offline_environment())
     return work / "store" / f"{MODEL}.mar", time.perf_counter() - started
+
+
+def log_time(log: str, pattern: str) -> float:
+    """When TorchServe's log first shows ``pattern`` (seconds since the epoch; its timestamps are local time)."""
+    from datetime import datetime
+
+    for line in log.splitlines():
+        if re.search(pattern, line):
+            return datetime.strptime(line[:23], "%Y-%m-%dT%H:%M:%S,%f").timestamp()
+    raise RuntimeError(f"TorchServe's log never shows {pattern!r}")
+
+
+def cold_start_split(server, launched_at: float) -> dict[str, float]:
+    """Where a cold start's seconds went, from the frontend's and the worker's logs: TorchServe's own start,
+    its extraction of the .mar, the worker process's start and the handler module's imports, then the
+    handler's initialize (pipeline read and placed, the rest of the assembly, the warm-up)."""
+    frontend = (server.folder / "logs" / "ts_log.log").read_text(errors="replace")
+    log = (server.folder / "logs" / "model_log.log").read_text(errors="replace")
+    extracting = log_time(frontend, r"Loading initial models")
+    extracted = log_time(frontend, rf"Model {MODEL} loaded")
+    ready = log_time(frontend, r"State change WORKER_STARTED -> WORKER_MODEL_LOADED")
+    initialize = log_seconds(log, r"worker \d+ ready in (\d+\.\d+) s")
+    load = log_seconds(log, r"read \w+ from .* in (\d+\.\d+) s") + log_seconds(log, r"placed \w+ on .* in (\d+\.\d+) s")
+    warmup = log_seconds(log, r"warm-up generation at .* took (\d+\.\d+) s")
+    return {"TorchServe start (CLI, JVM)": extracting - launched_at,
+            "TorchServe's extraction of the .mar": extracted - extracting,
+            "worker process start and the handler's imports": ready - initialize - extracted,
+            "pipeline load (read and placed)": load,
+            "rest of the assembly (adapters, contract)": initialize - load - warmup,
+            "warm-up": warmup}
 
 
 def log_seconds(log: str, pattern: str) -> float:
@@ -237,8 +275,39 @@ def shared_memory(pids: list[int]) -> tuple[int, int]:
     return sum(info.pss for info in infos), sum(info.uss for info in infos)
 
 
+def one_worker_budget_gb(family: str, weights_dtype: str) -> float:
+    """A memory_budget_gb that holds one worker and not two: 1.5 times what the memory ledger reserves for one
+    (its weights in the served dtype, counted from the published configs, plus the working memory)."""
+    import torch
+
+    from builder.full_size import count_parameters
+    from handler.model.memory_budget import WORKING_MEMORY_BYTES
+
+    itemsize = torch.tensor([], dtype=getattr(torch, weights_dtype)).element_size()
+    return round(1.5 * (sum(count_parameters(family).values()) * itemsize + WORKING_MEMORY_BYTES) / 1e9, 1)
+
+
+def second_worker_refused(server, group: str, side: int, steps: int, budget_gb: float) -> list[Row]:
+    """Scale to two workers under a budget that holds one: the scale-up must fail, the log must say why, and
+    the first worker must go on serving."""
+    import requests
+
+    progress(f"{group}: a second worker under memory_budget_gb {budget_gb:g} (holds one)")
+    response = requests.put(f"{server.management_url}/models/{MODEL}?min_worker=2&max_worker=2&synchronous=true",
+                            headers=server.management_headers(), timeout=1800)
+    log = (server.folder / "logs" / "model_log.log").read_text(errors="replace")
+    refusal = next((line.split(" exception ", 1)[-1] for line in log.splitlines() if "memory_budget_gb:" in line), "")
+    if response.status_code < 400 or not refusal:
+        raise RuntimeError(f"the second worker was not refused: {response.status_code} {response.text[:300]}")
+    progress(f"{group}: refused ({response.status_code}): {refusal}")
+    after = served_request(server, side, steps)
+    return [Row(group, f"second worker under memory_budget_gb {budget_gb:g}: scale-up answer", response.status_code,
+                "HTTP", n=1),
+            Row(group, "first worker serving after the refusal: latency", after.wall, "s", n=1)]
+
+
 def measure_family(family: str, work: Path, runs: int, two_workers: bool, raw_baseline: bool,
-                   weights_dtype: str) -> list[Row]:
+                   weights_dtype: str, budget_for_one: bool = False) -> list[Row]:
     from harness.local_server import LocalTorchServe
 
     case = CASES[family]
@@ -248,45 +317,53 @@ def measure_family(family: str, work: Path, runs: int, two_workers: bool, raw_ba
     rows = []
     work.mkdir(parents=True, exist_ok=True)
     progress(f"{group}: building the archive (random weights, published configs)")
-    config = model_config(work / "model-config.yaml", PRESETS[SERVED_PRESET], side)
+    budget_gb = one_worker_budget_gb(family, weights_dtype) if budget_for_one else 0.0
+    config = model_config(work / "model-config.yaml", PRESETS[SERVED_PRESET], side, budget_gb)
     mar, build_seconds = build_archive(family, work, config, weights_dtype)
     rows += [Row(group, f"build_mar.sh --tiny --full-size, weights {weights_dtype} (made + archived)",
                  build_seconds, "s", n=1),
              Row(group, "archive size", mar.stat().st_size / 1e9, "GB", n=1)]
 
-    progress(f"{group}: TorchServe cold start with the default .mar")
-    server = LocalTorchServe(work / "server", work / "store", {MODEL: mar.name})
-    launched = time.perf_counter()
-    server.start(timeout=3600)
-    cold_start = time.perf_counter() - launched
-    raw = None
+    server, raw = None, None
     try:
-        pipeline_folder = extracted_pipeline(server)
-        if raw_baseline:  # the same files the worker loaded, as warm in the page cache
-            progress(f"{group}: raw diffusers cold start (process start, imports, from_pretrained)")
-            raw = Child(pipeline_folder, PRESETS[SERVED_PRESET], raw=True)
-            rows += [Row(group, "raw diffusers: process start to loaded pipeline", raw.cold_start, "s", n=1),
-                     Row(group, "raw diffusers: imports", raw.loaded["imports"], "s", n=1),
-                     Row(group, "raw diffusers: from_pretrained", raw.loaded["load"], "s", n=1)]
-        log = (server.folder / "logs" / "model_log.log").read_text(errors="replace")
-        initialize = log_seconds(log, r"worker \d+ ready in (\d+\.\d+) s")
-        load = (log_seconds(log, r"read \w+ from .* in (\d+\.\d+) s")
-                + log_seconds(log, r"placed \w+ on .* in (\d+\.\d+) s"))
-        warmup = log_seconds(log, r"warm-up generation at .* took (\d+\.\d+) s")
-        handler_unpack = 0.0 if "unpacked" not in log else initialize - load - warmup
-        rows += [Row(group, "served: launch to READY worker", cold_start, "s", n=1,
-                     target=None if raw is None else at_most(1.5 * raw.cold_start + 5)),
-                 Row(group, "served: before the handler (TorchServe start, .mar extraction, worker imports)",
-                     cold_start - initialize, "s", n=1),
-                 Row(group, "served: handler unpack", handler_unpack, "s", n=1),
-                 Row(group, "served: pipeline load", load, "s", n=1),
-                 Row(group, "served: warm-up", warmup, "s", n=1),
-                 Row(group, "disk held while serving beyond the archive", folder_bytes(server.folder / "tmp") / 1e9,
+        starts, raw_starts, splits = [], [], []
+        for turn in range(runs):  # taking turns with raw diffusers, each on a fresh server folder
+            if server is not None:
+                server.stop()
+            os.sync()  # the build's (or the last server's) writes land before the clock starts, not during it
+            progress(f"{group}: TorchServe cold start with the default .mar, turn {turn + 1}/{runs}")
+            server = LocalTorchServe(work / f"server-{turn + 1}", work / "store", {MODEL: mar.name})
+            launched, launched_at = time.perf_counter(), time.time()
+            server.start(timeout=3600)
+            starts.append(time.perf_counter() - launched)
+            splits.append(cold_start_split(server, launched_at))
+            if raw_baseline:  # the same files the worker loaded, as warm in the page cache
+                progress(f"{group}: raw diffusers cold start (process start, imports, from_pretrained), "
+                         f"turn {turn + 1}/{runs}")
+                raw = Child(extracted_pipeline(server), PRESETS[SERVED_PRESET], raw=True)
+                raw_starts.append(raw)
+                if turn < runs - 1:
+                    raw.close()
+                    raw = None
+        cold_start = median(starts)
+        split = {name: median([each[name] for each in splits]) for name in splits[0]}
+        if raw_starts:
+            raw_cold_start = median([child.cold_start for child in raw_starts])
+            rows += [Row(group, "raw diffusers: process start to loaded pipeline", raw_cold_start, "s", n=runs,
+                         samples=[child.cold_start for child in raw_starts]),
+                     Row(group, "raw diffusers: imports", median([child.loaded["imports"] for child in raw_starts]),
+                         "s", n=runs),
+                     Row(group, "raw diffusers: from_pretrained", median([child.loaded["load"] for child in raw_starts]),
+                         "s", n=runs)]
+        rows += [Row(group, "served: launch to READY worker", cold_start, "s", n=runs, samples=starts,
+                     target=None if not raw_starts else at_most(1.5 * raw_cold_start + 5))]
+        rows += [Row(group, f"served: {name}", seconds, "s", n=runs) for name, seconds in split.items()]
+        rows += [Row(group, "disk held while serving beyond the archive", folder_bytes(server.folder / "tmp") / 1e9,
                      "GB", n=1),
                  Row(group, "copies of the weights beyond the archive",
                      folder_bytes(server.folder / "tmp") / mar.stat().st_size, "x", n=1, target=at_most(1.05))]
-        if raw is not None:
-            rows.append(Row(group, "cold start: served / raw", cold_start / raw.cold_start, "x", n=1))
+        if raw_starts:
+            rows.append(Row(group, "cold start: served / raw", cold_start / raw_cold_start, "x", n=runs))
         served, raw_timings = [], []
         worker = server.worker_pids(MODEL)[0]
         for turn in range(runs):
@@ -315,6 +392,8 @@ def measure_family(family: str, work: Path, runs: int, two_workers: bool, raw_ba
                          target=at_most(1.15))]
             raw.close()
             raw = None
+        if budget_for_one:
+            rows += second_worker_refused(server, group, side, steps, budget_gb)
         if two_workers:
             progress(f"{group}: scaling to two workers")
             scale(server, 2)
@@ -344,7 +423,8 @@ def measure_family(family: str, work: Path, runs: int, two_workers: bool, raw_ba
 
 
 def compare_presets(folder: Path, side: int, steps: int, runs: int, scratch: Path) -> list[Row]:
-    """Each preset in its own process (one at a time: memory), warmed up at 64x64, then timed at ``side``."""
+    """Each preset in its own process (one at a time: memory), warmed up by one untimed generation at the timed
+    size (a compiled preset compiles there), then timed at ``side``."""
     import numpy as np
 
     group = f"CPU presets, {side}x{side}, {steps} steps"
@@ -353,7 +433,7 @@ def compare_presets(folder: Path, side: int, steps: int, runs: int, scratch: Pat
         progress(f"{group}: {name}")
         child = Child(folder, settings, raw=False)
         try:
-            child.generate(64, 1)
+            child.generate(side, steps)
             timings[name] = [child.generate(side, steps, save=scratch / f"{len(images)}.npy") for _ in range(runs)]
             images[name] = np.load(scratch / f"{len(images)}.npy")
         finally:
@@ -404,11 +484,11 @@ def main(argv=None) -> int:
                                weights_dtype=arguments.weights_dtype)
         if not arguments.skip_presets:
             rows += compare_presets(sd1 / "scratch" / "full-sd1", CASES["sd1"]["side"], CASES["sd1"]["steps"],
-                                    1 if arguments.quick else arguments.runs, sd1)
+                                    max(arguments.runs, 2), sd1)
         shutil.rmtree(sd1, ignore_errors=True)
         if not arguments.quick:
             rows += measure_family("sdxl", work / "sdxl", 2, two_workers=False, raw_baseline=False,
-                                   weights_dtype=arguments.weights_dtype)
+                                   weights_dtype=arguments.weights_dtype, budget_for_one=True)
     finally:
         if arguments.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)

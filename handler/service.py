@@ -21,7 +21,7 @@ from handler.core.controlnets import controlnet_tasks
 from handler.core.generation import GenerationEngine
 from handler.core.progress import Progress
 from handler.core.prompts import prompt_encoder_for
-from handler.core.settings import HandlerSettings
+from handler.core.settings import HandlerSettings, SettingsError
 from handler.model.adapters import find_loras, serve_loras
 from handler.model.controlnets import controlnet_folders, load_controlnets
 from handler.model.embeddings import find_embeddings, load_embeddings
@@ -109,11 +109,15 @@ def build_service(model_dir: Path, settings: HandlerSettings = HandlerSettings()
     if reservations is not None:
         reservations.reserve(os.getpid(), placement.device, weight_bytes(folder, settings, placement.dtype),
                              settings, placement.dtype)
+    lora_files = find_loras(model_dir, settings.lora_dir)
+    if settings.compile_freezing and lora_files:
+        raise SettingsError(f"compile_freezing folds the weights into the compiled code, so LoRAs could never be "
+                            f"applied: this model packs {sorted(lora_files)}; turn compile_freezing off")
     pipeline = read_pipeline(folder, placement, settings)
     embeddings = load_embeddings(pipeline, find_embeddings(model_dir, settings.embedding_dir))
     ip_adapters = load_ip_adapters(pipeline, ip_adapter_folders(model_dir))
     # LoRA hot-swap slots must exist before the pipeline is compiled.
-    loras = serve_loras(pipeline, find_loras(model_dir, settings.lora_dir), settings.max_loras,
+    loras = serve_loras(pipeline, lora_files, settings.max_loras,
                         settings.max_loaded_loras, hotswap=settings.torch_compile)
     optimize_pipeline(pipeline, placement, settings)
     if reservations is not None:

@@ -55,6 +55,7 @@ def test_memory_options_apply_and_keep_the_images(tiny_pipeline_dir):
     optimized_pipeline = load_pipeline(tiny_pipeline_dir, CPU, settings)
     assert optimized_pipeline.vae.use_slicing and optimized_pipeline.vae.use_tiling
     assert optimized_pipeline.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert optimized_pipeline.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     optimized = generate(optimized_pipeline)
     assert np.abs(plain.astype(int) - optimized.astype(int)).max() <= 2
 
@@ -91,3 +92,33 @@ def test_warm_up_shapes_follow_the_device_and_compilation():
     assert warmup_buckets(compiled, "cpu") == [(default.default_width, default.default_height, 1)]
     listed = HandlerSettings.from_mapping({"compile_warmup_sizes": ["512x512x2"]})
     assert warmup_buckets(listed, "cpu") == [(512, 512, 2)]
+
+
+def test_compile_freezing_needs_inductor_compilation():
+    for settings in ({"compile_freezing": True}, {"compile_freezing": True, "torch_compile": True,
+                                                  "compile_backend": "openvino"}):
+        with pytest.raises(SettingsError, match="compile_freezing"):
+            HandlerSettings.from_mapping(settings)
+
+
+def test_compile_freezing_is_refused_for_a_model_with_loras(handler_factory, tiny_pipeline_dir, tmp_path):
+    from builder.tiny_adapters import make_tiny_lora
+
+    make_tiny_lora(tiny_pipeline_dir, tmp_path / "loras" / "anime.safetensors")
+    # Frozen weights are constants of the compiled code: a LoRA applied later would silently change nothing.
+    with pytest.raises(SettingsError, match=r"compile_freezing .* packs \['anime'\]"):
+        handler_factory({"torch_compile": True, "compile_freezing": True, "lora_dir": str(tmp_path / "loras")})
+
+
+def test_a_frozen_compiled_unet_makes_the_eager_image(tiny_pipeline_dir):
+    import torch._inductor.config
+
+    eager = generate(load_pipeline(tiny_pipeline_dir, CPU))
+    try:
+        frozen = load_pipeline(tiny_pipeline_dir, CPU, HandlerSettings(torch_compile=True, compile_freezing=True))
+        assert torch._inductor.config.freezing
+        with torch.inference_mode():  # freezing applies to inference graphs, as the handler runs them
+            image = generate(frozen)
+    finally:
+        torch._inductor.config.freezing = False
+    assert np.abs(eager.astype(int) - image.astype(int)).max() <= 2

@@ -107,7 +107,8 @@ class HandlerSettings:
     """`sdpa` (PyTorch scaled-dot-product attention, fastest) or `slicing` (less memory, and slower than SDPA: only
     for a GPU too small otherwise; UNet families only, refused at load for SD3 and Flux)"""
     channels_last: bool = False
-    """UNet in channels-last memory format (often faster on CUDA)"""
+    """the denoiser (UNet or transformer) and the VAE in channels-last memory format (faster convolutions on CUDA,
+    and on CPUs in bfloat16)"""
     torch_compile: bool = False
     """compile the denoiser (UNet or transformer) with `torch.compile` during warm-up (startup takes minutes; raise
     `startupTimeout`); the worker's thread count is then fixed at load"""
@@ -124,6 +125,10 @@ class HandlerSettings:
     nearly the same speed; best for SD3 and Flux"""
     compile_vae: bool = False
     """also compile the VAE decoder, in channels-last"""
+    compile_freezing: bool = False
+    """with `torch_compile` or `compile_vae` on `inductor`: fold the weights into the compiled code as constants
+    (inductor's freezing), so oneDNN lays them out once for the CPU: the fastest CPU preset measured (docs/
+    performance.md). The weights can then never change: refused for a model that packs LoRAs"""
     fuse_qkv: bool = False
     """fuse each attention layer's query/key/value projections into one matmul (denoiser and VAE)"""
     tf32: bool = False
@@ -217,6 +222,10 @@ class HandlerSettings:
         _require(not (self.compile_mode == "reduce-overhead" and self.torch_compile and not self.compile_warmup_sizes),
                 "compile_mode reduce-overhead records one CUDA graph per shape: list the shapes it may record in "
                 "compile_warmup_sizes (requests at other sizes are refused)")
+        _require(not self.compile_freezing or ((self.torch_compile or self.compile_vae)
+                                               and self.compile_backend == "inductor"),
+                "compile_freezing folds weights into inductor's compiled code: it needs torch_compile or "
+                "compile_vae, with compile_backend inductor")
         _require(not (self.compile_mode == "reduce-overhead" and self.compile_repeated_blocks),
                 "compile_mode reduce-overhead cannot be combined with compile_repeated_blocks: every copy of a "
                 "block would replay one CUDA graph and overwrite the output the next copy reads")

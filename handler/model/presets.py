@@ -10,7 +10,6 @@ for them instead of the first requests. SDPA attention is PyTorch's default in d
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import torch
 
 from handler.core.settings import HandlerSettings
 from handler.model import optimizations
@@ -40,8 +39,7 @@ PRESETS: tuple[Preset, ...] = (
     Preset("attention_slicing", lambda settings: settings.attention == "slicing",
            lambda pipeline, placement, settings: optimizations.enable_attention_slicing(pipeline)),
     Preset("channels_last", lambda settings: settings.channels_last,
-           lambda pipeline, placement, settings: optimizations.denoiser(pipeline).to(
-               memory_format=torch.channels_last)),
+           lambda pipeline, placement, settings: optimizations.to_channels_last(pipeline)),
     Preset("fuse_qkv", lambda settings: settings.fuse_qkv,
            lambda pipeline, placement, settings: optimizations.fuse_qkv(pipeline)),
     Preset("quantization", lambda settings: settings.quantization != "none",

@@ -37,7 +37,7 @@ from handler.core.schedulers import (
     from_a1111,
 )
 from handler.protocols.http import (
-    Call, HttpRequest, Protocol, Reply, ServedModel, failure_of, result_headers, status_of,
+    Call, HttpRequest, Protocol, Reply, RouteRejection, ServedModel, failure_of, result_headers, status_of,
 )
 
 PREFIX = "sdapi/v1"
@@ -409,13 +409,6 @@ class A1111Protocol(Protocol):
         return Reply(200, json.dumps(document).encode(), result_headers(seeds, outcome.nsfw))
 
 
-@dataclass
-class RouteRejection(Rejection):
-    """A route or model this API does not serve: 404, as A1111 answers an unknown path or model."""
-
-    status: int = 404
-
-
 # --- Documents ------------------------------------------------------------------------------------------------
 
 def model_entry(name: str) -> dict:
@@ -490,16 +483,12 @@ def a1111_rejection(rejection: Rejection, params: Mapping[str, str], body: Mappi
     return Rejection(rejection.reason, f"{rejection.message} (from {origin})", name)
 
 
-def error_status(rejection: Rejection) -> int:
-    return rejection.status if isinstance(rejection, RouteRejection) else status_of(rejection)
-
-
 def error_reply(rejection: Rejection) -> Reply:
     """A1111's error body: ``{"error": <kind>, "detail": <message>, "body": "", "errors": <message>}``, plus the
     field at fault."""
     document = {"error": rejection.reason, "detail": rejection.message, "body": "", "errors": rejection.message,
                 "field": rejection.field}
-    return Reply(error_status(rejection), json.dumps(document).encode(), failure=rejection)
+    return Reply(status_of(rejection), json.dumps(document).encode(), failure=rejection)
 
 
 # --- Helpers --------------------------------------------------------------------------------------------------

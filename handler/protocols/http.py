@@ -40,7 +40,18 @@ ROUTE_HEADER = "url_path"  # the rest of the path below /predictions/{model}/{ve
 IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"RIFF")
 
 
+@dataclass
+class RouteRejection(Rejection):
+    """A request for a route or model an API does not serve: 404 with a code of its own (counted as
+    not_implemented). OpenAI's error object shows the code; A1111's answers the 404 alone."""
+
+    status: int = 404
+    code: str = "unknown_url"
+
+
 def status_of(rejection: Rejection) -> int:
+    if isinstance(rejection, RouteRejection):
+        return rejection.status
     return STATUS_OF_REASON[rejection.reason]
 
 

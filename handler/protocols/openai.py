@@ -32,7 +32,7 @@ from handler.core.images import decode_image
 from handler.core.prepare import RESIZE_HINT
 from handler.core.requests import GenerationRequest
 from handler.protocols.http import (
-    Call, HttpRequest, Protocol, Reply, ServedModel, failure_of, result_headers, status_of,
+    Call, HttpRequest, Protocol, Reply, RouteRejection, ServedModel, failure_of, result_headers, status_of,
 )
 
 PREFIX = "v1"
@@ -92,14 +92,6 @@ NOT_OFFERED = ("preview_every",)
 
 
 # --- What the handler carries through a batch ------------------------------------------------------------------
-
-@dataclass
-class RouteRejection(Rejection):
-    """A request for a route or model this API does not serve: 404 with its own code (counted as not_implemented)."""
-
-    status: int = 404
-    code: str = "unknown_url"
-
 
 @dataclass(kw_only=True)
 class OpenAICall(Call):
@@ -278,13 +270,9 @@ def openai_rejection(rejection: Rejection, params: Mapping[str, str], body: Mapp
     return Rejection(rejection.reason, f"{rejection.message} (from {origin})", param)
 
 
-def error_status(rejection: Rejection) -> int:
-    return rejection.status if isinstance(rejection, RouteRejection) else status_of(rejection)
-
-
 def error_object(rejection: Rejection) -> dict:
     """OpenAI's error object: ``{"message", "type", "param", "code"}``; code is the failure kind."""
-    status = error_status(rejection)
+    status = status_of(rejection)
     return {"message": rejection.message, "type": "invalid_request_error" if status < 500 else "server_error",
             "param": rejection.field, "code": rejection.code if isinstance(rejection, RouteRejection)
             else rejection.reason}
@@ -292,7 +280,7 @@ def error_object(rejection: Rejection) -> dict:
 
 def error_reply(rejection: Rejection) -> Reply:
     """An error answer. The SDK retries 5xx by itself: only out of memory is worth another try."""
-    status = error_status(rejection)
+    status = status_of(rejection)
     headers = {"x-should-retry": "false"} if status >= 500 and rejection.reason != OUT_OF_MEMORY else {}
     return Reply(status, json.dumps({"error": error_object(rejection)}).encode(), headers, failure=rejection)
 
