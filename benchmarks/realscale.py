@@ -2,7 +2,7 @@
 """Real scale: a full-size random-weight pipeline built, archived, served by TorchServe and measured against
 raw diffusers holding the same folder, in one run.
 
-    python benchmarks/realscale.py --quick     # SD 1.5 only (about 15 minutes on 2 cores)
+    python benchmarks/realscale.py --quick     # SD 1.5 only (about 12 minutes on an idle 2-core VM)
     python benchmarks/realscale.py             # then SDXL base served with one worker at 1024x1024
 
 Random weights cost what trained ones cost in time, memory and bytes (only the pictures are noise), so every
@@ -212,7 +212,8 @@ def cold_start_split(server, launched_at: float) -> dict[str, float]:
             "TorchServe's extraction of the .mar": extracted - extracting,
             "worker process start and the handler's imports": ready - initialize - extracted,
             "pipeline load (read and placed)": load,
-            "rest of the assembly (adapters, contract)": initialize - load - warmup,
+            "rest of initialize (diffusers' pipeline imports, task pipelines, adapters, contract)":
+                initialize - load - warmup,
             "warm-up": warmup}
 
 
@@ -492,7 +493,7 @@ def main(argv=None) -> int:
     finally:
         if arguments.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
-    context = {"machine": f"{torch.get_num_threads()} threads, shared with other jobs", "torch": torch.__version__,
+    context = {"machine": f"{torch.get_num_threads()} torch threads", "torch": torch.__version__,
                "served_preset": SERVED_PRESET, "weights_dtype": arguments.weights_dtype, "prompt": PROMPT, "quick": arguments.quick,
                "seconds": time.monotonic() - STARTED}
     print()
