@@ -184,6 +184,9 @@ def session():
     not under /tmp: the session mounts its own folder over /tmp."""
     if shutil.which("unshare") is None or shutil.which("ip") is None:
         pytest.fail("the docs examples need unshare (util-linux) and ip (iproute2)")
+    if Path("/tmp") in REPO_ROOT.resolve().parents:
+        pytest.fail(f"the docs examples mount a folder of their own over /tmp, which would hide this clone "
+                    f"({REPO_ROOT}): run them from a clone outside /tmp")
     folder = REPO_ROOT / "build" / "docs-examples"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
