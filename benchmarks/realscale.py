@@ -19,7 +19,8 @@ figure here stands for the real checkpoint of the same architecture (builder/ful
 - each CPU preset against float32 eager on the same request, with the largest pixel difference;
 - SDXL (without ``--quick``): one worker at 1024x1024 under a ``memory_budget_gb`` that holds one worker, and a
   scale-up to two that the budget refuses while the first worker goes on serving.
-Memory: at most one served model and one raw process are alive at a time.
+Memory: at most one served model and one raw process are alive at a time; the CPU presets, held at once
+to take turns, peak at about 16 GB for SD 1.5.
 """
 
 import argparse
@@ -424,21 +425,28 @@ def measure_family(family: str, work: Path, runs: int, two_workers: bool, raw_ba
 
 
 def compare_presets(folder: Path, side: int, steps: int, runs: int, scratch: Path) -> list[Row]:
-    """Each preset in its own process (one at a time: memory), warmed up by one untimed generation at the timed
-    size (a compiled preset compiles there), then timed at ``side``."""
+    """Every preset in its own process, all held at once (about 16 GB for SD 1.5: float32 and three bfloat16
+    copies), each warmed up by one untimed generation at the timed size (a compiled preset compiles there),
+    then timed at ``side`` taking turns, one generation per preset a round, so that a slow spell of the machine
+    hits every preset alike instead of whichever happened to run then."""
     import numpy as np
 
     group = f"CPU presets, {side}x{side}, {steps} steps"
-    timings, images = {}, {}
-    for name, settings in PRESETS.items():
-        progress(f"{group}: {name}")
-        child = Child(folder, settings, raw=False)
-        try:
-            child.generate(side, steps)
-            timings[name] = [child.generate(side, steps, save=scratch / f"{len(images)}.npy") for _ in range(runs)]
-            images[name] = np.load(scratch / f"{len(images)}.npy")
-        finally:
+    children = {}
+    try:
+        for name, settings in PRESETS.items():
+            progress(f"{group}: loading and warming up {name}")
+            children[name] = Child(folder, settings, raw=False)
+            children[name].generate(side, steps)
+        timings = {name: [] for name in PRESETS}
+        for turn in range(runs):
+            for index, (name, child) in enumerate(children.items()):
+                progress(f"{group}: turn {turn + 1}/{runs}, {name}")
+                timings[name].append(child.generate(side, steps, save=scratch / f"{index}.npy"))
+    finally:
+        for child in children.values():
             child.close()
+    images = {name: np.load(scratch / f"{index}.npy") for index, name in enumerate(PRESETS)}
     baseline = timings["float32 eager"]
     rows = []
     for name, measured in timings.items():
@@ -485,7 +493,7 @@ def main(argv=None) -> int:
                                weights_dtype=arguments.weights_dtype)
         if not arguments.skip_presets:
             rows += compare_presets(sd1 / "scratch" / "full-sd1", CASES["sd1"]["side"], CASES["sd1"]["steps"],
-                                    max(arguments.runs, 2), sd1)
+                                    max(arguments.runs, 3), sd1)  # 3 turns: the median holds against one slow call
         shutil.rmtree(sd1, ignore_errors=True)
         if not arguments.quick:
             rows += measure_family("sdxl", work / "sdxl", 2, two_workers=False, raw_baseline=False,
