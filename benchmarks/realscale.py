@@ -13,8 +13,9 @@ figure here stands for the real checkpoint of the same architecture (builder/ful
   (TorchServe's start, its extraction of the .mar, the worker's imports), the handler's own unpacking (none with
   the stored layout), the pipeline load and the warm-up;
 - disk held while serving beyond the archive (TorchServe's temporary folder);
-- served against raw diffusers latency, taking turns so that a slow spell of a shared machine hits both; the
-  first served request (right after the warm-up) against the next ones;
+- served against raw diffusers latency, taking turns so that a slow spell of a shared machine hits both (the
+  median of each turn's ratio); the first served request (right after the warm-up, before the raw process
+  loads) against the next ones;
 - peak RSS per worker with one and two workers, against the raw process after the same request;
 - each CPU preset against float32 eager on the same request, with the largest pixel difference;
 - SDXL (without ``--quick``): one worker at 1024x1024 under a ``memory_budget_gb`` that holds one worker, and a
@@ -341,6 +342,10 @@ def measure_family(family: str, work: Path, runs: int, two_workers: bool, raw_ba
             server.start(timeout=3600)
             starts.append(time.perf_counter() - launched)
             splits.append(cold_start_split(server, launched_at))
+            if turn == runs - 1:  # right after the warm-up, before the raw process loads beside the worker: a
+                # pipeline loading beside it slows the next generation of both (measured 1.16x served, 1.18x raw)
+                progress(f"{group}: {request}: the first served request")
+                first_request = served_request(server, side, steps, server.worker_pids(MODEL)[0])
             if raw_baseline:  # the same files the worker loaded, as warm in the page cache
                 progress(f"{group}: raw diffusers cold start (process start, imports, from_pretrained), "
                          f"turn {turn + 1}/{runs}")
@@ -380,16 +385,18 @@ def measure_family(family: str, work: Path, runs: int, two_workers: bool, raw_ba
         rows += [Row(group, f"served latency {request}", median(walls), "s", n=runs, samples=walls),
                  Row(group, f"served worker CPU time {request}", median(cpus), "s", n=runs, samples=cpus),
                  Row(group, "served: first request / median of the next ones (CPU time)",
-                     cpus[0] / median(cpus[1:]) if runs > 1 else 1.0, "x", n=runs, target=at_most(1.1)),
+                     first_request.cpu / median(cpus), "x", n=runs, target=at_most(1.1)),
                  Row(group, "peak RSS, one worker", peak_rss(worker) / 1e9, "GB", n=1)]
         if raw is not None:
             raw_walls, raw_cpus = [timing.wall for timing in raw_timings], [timing.cpu for timing in raw_timings]
             rows += [Row(group, f"raw diffusers latency {request}", median(raw_walls), "s", n=runs,
                          samples=raw_walls),
                      Row(group, f"raw diffusers CPU time {request}", median(raw_cpus), "s", n=runs, samples=raw_cpus),
-                     Row(group, "served / raw latency", median(walls) / median(raw_walls), "x", n=runs,
+                     Row(group, "served / raw latency (median of each turn's ratio)",
+                         median([one / other for one, other in zip(walls, raw_walls)]), "x", n=runs,
                          target=at_most(1.03)),
-                     Row(group, "served / raw CPU time", median(cpus) / median(raw_cpus), "x", n=runs,
+                     Row(group, "served / raw CPU time (median of each turn's ratio)",
+                         median([one / other for one, other in zip(cpus, raw_cpus)]), "x", n=runs,
                          target=at_most(1.03)),
                      Row(group, "peak RSS, raw diffusers after the same requests", raw.peak_rss() / 1e9, "GB", n=1),
                      Row(group, "peak RSS: one worker / raw", peak_rss(worker) / raw.peak_rss(), "x", n=1,
@@ -480,8 +487,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="SD 1.5 only")
     parser.add_argument("--runs", type=int, default=3,
-                        help="timed turns per measurement, at least 2 (default: %(default)s: the median then holds against "
-                             "one slow call, and the first request is set against two)")
+                        help="timed turns per measurement, at least 2 (default: %(default)s: a median of 3 holds "
+                             "against one slow call)")
     parser.add_argument("--weights-dtype", default="bfloat16", choices=("float16", "bfloat16"),
                         help="the archive's weights: bfloat16 = the served dtype, so workers map and share them; "
                              "float16 = as published, converted by each worker (default: %(default)s)")
