@@ -2,8 +2,9 @@
 """Real scale: a full-size random-weight pipeline built, archived, served by TorchServe and measured against
 raw diffusers holding the same folder, in one run.
 
-    python benchmarks/realscale.py --quick     # SD 1.5 only (about 12 minutes on an idle 2-core VM)
-    python benchmarks/realscale.py             # then SDXL base served with one worker at 1024x1024
+    python benchmarks/realscale.py --quick            # SD 1.5 only (8-12 minutes on an idle 2-core VM)
+    python benchmarks/realscale.py                    # then SDXL base and SD3 medium at 1024x1024
+    python benchmarks/realscale.py --families sd3     # one family
 
 Random weights cost what trained ones cost in time, memory and bytes (only the pictures are noise), so every
 figure here stands for the real checkpoint of the same architecture (builder/full_size.py). Measured:
@@ -19,7 +20,8 @@ figure here stands for the real checkpoint of the same architecture (builder/ful
 - peak RSS per worker with one and two workers, against the raw process after the same request;
 - each CPU preset against float32 eager on the same request, with the largest pixel difference;
 - SDXL (without ``--quick``): one worker at 1024x1024 under a ``memory_budget_gb`` that holds one worker, and a
-  scale-up to two that the budget refuses while the first worker goes on serving.
+  scale-up to two that the budget refuses while the first worker goes on serving;
+- SD3 medium without T5 (without ``--quick``): one worker at 1024x1024 against raw diffusers.
 Memory: at most one served model and one raw process are alive at a time; the CPU presets, held at once
 to take turns, peak at about 16 GB for SD 1.5.
 """
@@ -45,11 +47,27 @@ from benchmarks.report import Row, at_least, at_most, markdown_table, median, wr
 STARTED = time.monotonic()
 MODEL = "stable_diffusion"
 PROMPT = "a photo of an astronaut riding a horse on the moon"
-# Per family: the served size and steps, and the presets compared with float32 eager (handler settings).
+
+@dataclass(frozen=True)
+class Case:
+    """How one family is measured: the served size and steps; the timed turns (None: ``--runs``; a 1024x1024
+    generation takes minutes here); whether raw diffusers runs beside it (SDXL's two processes would not fit
+    in 24 GB), two workers are scaled up, or a second worker is refused by a budget that holds one."""
+
+    side: int
+    steps: int
+    runs: int | None = None
+    raw_baseline: bool = False
+    two_workers: bool = False
+    budget_for_one: bool = False
+
+
 CASES = {
-    "sd1": {"side": 512, "steps": 2},
-    "sdxl": {"side": 1024, "steps": 2},
+    "sd1": Case(512, 2, raw_baseline=True, two_workers=True),
+    "sdxl": Case(1024, 2, runs=2, budget_for_one=True),
+    "sd3": Case(1024, 2, runs=2, raw_baseline=True),
 }
+# The presets compared with float32 eager (handler settings).
 PRESETS = {
     "float32 eager": {"dtype": "float32"},
     "bfloat16 eager": {"dtype": "bfloat16"},
@@ -311,18 +329,17 @@ def second_worker_refused(server, group: str, side: int, steps: int, budget_gb: 
             Row(group, "first worker serving after the refusal: latency", after.wall, "s", n=1)]
 
 
-def measure_family(family: str, work: Path, runs: int, two_workers: bool, raw_baseline: bool,
-                   weights_dtype: str, budget_for_one: bool = False) -> list[Row]:
+def measure_family(family: str, work: Path, runs: int, weights_dtype: str) -> list[Row]:
     from harness.local_server import LocalTorchServe
 
     case = CASES[family]
-    side, steps = case["side"], case["steps"]
+    side, steps, runs = case.side, case.steps, case.runs or runs
     group = f"{family} full size"
     request = f"{side}x{side}, {steps} steps"
     rows = []
     work.mkdir(parents=True, exist_ok=True)
     progress(f"{group}: building the archive (random weights, published configs)")
-    budget_gb = one_worker_budget_gb(family, weights_dtype) if budget_for_one else 0.0
+    budget_gb = one_worker_budget_gb(family, weights_dtype) if case.budget_for_one else 0.0
     config = model_config(work / "model-config.yaml", PRESETS[SERVED_PRESET], side, budget_gb)
     mar, build_seconds = build_archive(family, work, config, weights_dtype)
     rows += [Row(group, f"build_mar.sh --tiny --full-size, weights {weights_dtype} (made + archived)",
@@ -346,7 +363,7 @@ def measure_family(family: str, work: Path, runs: int, two_workers: bool, raw_ba
                 # pipeline loading beside it slows the next generation of both (measured 1.16x served, 1.18x raw)
                 progress(f"{group}: {request}: the first served request")
                 first_request = served_request(server, side, steps, server.worker_pids(MODEL)[0])
-            if raw_baseline:  # the same files the worker loaded, as warm in the page cache
+            if case.raw_baseline:  # the same files the worker loaded, as warm in the page cache
                 progress(f"{group}: raw diffusers cold start (process start, imports, from_pretrained), "
                          f"turn {turn + 1}/{runs}")
                 raw = Child(extracted_pipeline(server), PRESETS[SERVED_PRESET], raw=True)
@@ -403,9 +420,9 @@ def measure_family(family: str, work: Path, runs: int, two_workers: bool, raw_ba
                          target=at_most(1.15))]
             raw.close()
             raw = None
-        if budget_for_one:
+        if case.budget_for_one:
             rows += second_worker_refused(server, group, side, steps, budget_gb)
-        if two_workers:
+        if case.two_workers:
             progress(f"{group}: scaling to two workers")
             scale(server, 2)
             pids = server.worker_pids(MODEL)
@@ -485,7 +502,9 @@ def cpu_description() -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="SD 1.5 only")
+    parser.add_argument("--quick", action="store_true", help="SD 1.5 only (same as --families sd1)")
+    parser.add_argument("--families", nargs="+", choices=tuple(CASES), default=list(CASES),
+                        help="the families to measure (default: all); the CPU presets are timed on sd1")
     parser.add_argument("--runs", type=int, default=3,
                         help="timed turns per measurement, at least 2 (default: %(default)s: a median of 3 holds "
                              "against one slow call)")
@@ -508,16 +527,12 @@ def main(argv=None) -> int:
     work = arguments.work_dir or Path(tempfile.mkdtemp(prefix="realscale-"))
     rows = []
     try:
-        sd1 = work / "sd1"
-        rows += measure_family("sd1", sd1, max(arguments.runs, 2), two_workers=True, raw_baseline=True,
-                               weights_dtype=arguments.weights_dtype)
-        if not arguments.skip_presets:
-            rows += compare_presets(sd1 / "scratch" / "full-sd1", CASES["sd1"]["side"], CASES["sd1"]["steps"],
-                                    max(arguments.runs, 2), sd1)
-        shutil.rmtree(sd1, ignore_errors=True)
-        if not arguments.quick:
-            rows += measure_family("sdxl", work / "sdxl", 2, two_workers=False, raw_baseline=False,
-                                   weights_dtype=arguments.weights_dtype, budget_for_one=True)
+        for family in ["sd1"] if arguments.quick else arguments.families:
+            rows += measure_family(family, work / family, max(arguments.runs, 2), arguments.weights_dtype)
+            if family == "sd1" and not arguments.skip_presets:
+                rows += compare_presets(work / family / "scratch" / "full-sd1", CASES["sd1"].side,
+                                        CASES["sd1"].steps, max(arguments.runs, 2), work / family)
+            shutil.rmtree(work / family, ignore_errors=True)
     finally:
         if arguments.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -62,7 +62,8 @@ def parse_arguments(argv=None) -> argparse.Namespace:
                         help="with --tiny: which pipeline family's layout to build (default: %(default)s)")
     parser.add_argument("--full-size", action="store_true",
                         help="with --tiny: random weights with the family's exact published configs (sd1, sd2-v, "
-                             "sdxl; 2-7 GB of fp16 safetensors) instead of tiny ones, to measure real-scale costs")
+                             "sdxl, sd3 without T5; 2-7 GB of fp16 safetensors) instead of tiny ones, to measure "
+                             "real-scale costs")
     parser.add_argument("--weights-dtype", choices=WEIGHTS_DTYPES,
                         help="convert the pipeline's weights to this dtype at build time; when it is the served "
                              "dtype (model-config.yaml's dtype, e.g. bfloat16 on a CPU), workers map the weights "

@@ -35,4 +35,4 @@ FAMILY_INFO = {
 }
 FAMILIES = tuple(FAMILY_INFO)
 # Families build_mar.sh --tiny --full-size builds with their published configs (builder/full_size.py).
-FULL_SIZE_FAMILIES = ("sd1", "sd2-v", "sdxl")
+FULL_SIZE_FAMILIES = ("sd1", "sd2-v", "sdxl", "sd3")

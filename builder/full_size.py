@@ -1,11 +1,13 @@
 """Build random-weight pipelines with the exact published configs of real checkpoints, offline.
 
 Random weights cost exactly what trained ones cost in time, memory and bytes (only the pictures are noise), so
-a full-size SD 1.5, SD 2.1 (v-prediction) or SDXL base built here measures the archive, the cold start, the
-memory and the speed a user of the real model gets, without a model hub. The component configs below are the
-published ``config.json`` files of runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-2-1 and
-stabilityai/stable-diffusion-xl-base-1.0 (December 2026); ``PUBLISHED_PARAMETERS`` are their parameter counts,
-which the tests check the configs against without building any weights.
+a full-size SD 1.5, SD 2.1 (v-prediction), SDXL base or SD3 medium built here measures the archive, the cold
+start, the memory and the speed a user of the real model gets, without a model hub. The component configs below
+are the published ``config.json`` files of runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-2-1,
+stabilityai/stable-diffusion-xl-base-1.0 and stabilityai/stable-diffusion-3-medium-diffusers (December 2026);
+``PUBLISHED_PARAMETERS`` are their parameter counts, which the tests check the configs against without building
+any weights. SD3 medium is built without its T5-XXL encoder (4.7 B parameters, 9.5 GB in fp16: more than this
+project's 2-core, 24 GB machines hold beside the rest), as diffusers loads it with ``text_encoder_3=None``.
 
 Weights are created directly in float16 (as the hub's fp16 files are) so building SDXL never holds a float32
 copy. The tokenizers carry CLIP's real BPE vocabulary (49,408 tokens, 48,894 merges), read from the
@@ -42,9 +44,14 @@ _VAE = {
 }
 _SCALED_LINEAR = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
                   "num_train_timesteps": 1000, "steps_offset": 1, "trained_betas": None}
-_CLIP_L_TEXT = {  # openai/clip-vit-large-patch14's text tower: SD 1.x and SDXL's first encoder
+_CLIP_L_TEXT = {  # openai/clip-vit-large-patch14's text tower: SD 1.x's encoder, SDXL's and SD3's first
     "hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12,
     "hidden_act": "quick_gelu", "projection_dim": 768, "vocab_size": 49408, "max_position_embeddings": 77,
+    "layer_norm_eps": 1e-05, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
+}
+_CLIP_G_TEXT = {  # OpenCLIP ViT-bigG/14's text tower: SDXL's and SD3's second encoder
+    "hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 20, "num_hidden_layers": 32,
+    "hidden_act": "gelu", "projection_dim": 1280, "vocab_size": 49408, "max_position_embeddings": 77,
     "layer_norm_eps": 1e-05, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
 }
 
@@ -87,25 +94,38 @@ PUBLISHED_CONFIGS = {
             "upcast_attention": False, "use_linear_projection": True}),
         "vae": ("AutoencoderKL", {**_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}),
         "text_encoder": ("CLIPTextModel", _CLIP_L_TEXT),
-        "text_encoder_2": ("CLIPTextModelWithProjection", {  # OpenCLIP ViT-bigG/14's text tower
-            "hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 20, "num_hidden_layers": 32,
-            "hidden_act": "gelu", "projection_dim": 1280, "vocab_size": 49408, "max_position_embeddings": 77,
-            "layer_norm_eps": 1e-05, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}),
+        "text_encoder_2": ("CLIPTextModelWithProjection", _CLIP_G_TEXT),
         "tokenizer": ("CLIPTokenizer", END),
         "tokenizer_2": ("CLIPTokenizer", "!"),
         "scheduler": ("EulerDiscreteScheduler", {**_SCALED_LINEAR, "interpolation_type": "linear",
                                                  "prediction_type": "epsilon", "sample_max_value": 1.0,
                                                  "timestep_spacing": "leading", "use_karras_sigmas": False}),
     },
+    "sd3": {  # without text_encoder_3 / tokenizer_3 (T5-XXL): see the module's docstring
+        "transformer": ("SD3Transformer2DModel", {
+            "attention_head_dim": 64, "caption_projection_dim": 1536, "in_channels": 16, "joint_attention_dim": 4096,
+            "num_attention_heads": 24, "num_layers": 24, "out_channels": 16, "patch_size": 2,
+            "pooled_projection_dim": 2048, "pos_embed_max_size": 192, "sample_size": 128}),
+        "vae": ("AutoencoderKL", {**_VAE, "latent_channels": 16, "sample_size": 1024, "scaling_factor": 1.5305,
+                                  "shift_factor": 0.0609, "force_upcast": True, "use_quant_conv": False,
+                                  "use_post_quant_conv": False}),
+        "text_encoder": ("CLIPTextModelWithProjection", _CLIP_L_TEXT),
+        "text_encoder_2": ("CLIPTextModelWithProjection", _CLIP_G_TEXT),
+        "tokenizer": ("CLIPTokenizer", END),
+        "tokenizer_2": ("CLIPTokenizer", "!"),
+        "scheduler": ("FlowMatchEulerDiscreteScheduler", {"num_train_timesteps": 1000, "shift": 3.0}),
+    },
 }
 PIPELINE_CLASSES = {"sd1": "StableDiffusionPipeline", "sd2-v": "StableDiffusionPipeline",
-                    "sdxl": "StableDiffusionXLPipeline"}
+                    "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline"}
 # Parameter counts of the published checkpoints' components.
 PUBLISHED_PARAMETERS = {
     "sd1": {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480},
     "sd2-v": {"unet": 865_910_724, "vae": 83_653_863, "text_encoder": 340_387_840},
     "sdxl": {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480,
              "text_encoder_2": 694_659_840},
+    "sd3": {"transformer": 2_028_328_000, "vae": 83_819_683, "text_encoder": 123_650_304,
+            "text_encoder_2": 694_659_840},
 }
 
 
@@ -217,6 +237,8 @@ def build_full_size_pipeline(folder: Path, family: str, work_dir: Path,
     index.update(feature_extractor=[None, None], image_encoder=[None, None])  # as save_pretrained writes them
     if family == "sdxl":
         index["force_zeros_for_empty_prompt"] = True
+    elif family == "sd3":
+        index.update(text_encoder_3=[None, None], tokenizer_3=[None, None])
     else:  # no safety checker, as the tiny pipelines (the published SD 1.5/2.1 ship one: 304 M more)
         index.update(safety_checker=[None, None], requires_safety_checker=False)
     (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True))

@@ -24,11 +24,13 @@ def test_components_have_the_published_parameter_counts(family):
 def test_each_family_is_the_pipeline_its_tiny_twin_is(family):
     assert PIPELINE_CLASSES[family] == FAMILY_INFO[family].pipeline_class
     components = PUBLISHED_CONFIGS[family]
-    unet = components["unet"][1]
-    # The default image side is the UNet's sample size times the VAE's factor 8, as on the hub.
-    assert unet["sample_size"] * 8 == components["vae"][1]["sample_size"]
-    prediction = components["scheduler"][1].get("prediction_type", "epsilon")
-    assert prediction == ("v_prediction" if family == "sd2-v" else "epsilon")
+    denoiser = (components.get("unet") or components["transformer"])[1]
+    # The default image side is the denoiser's sample size times the VAE's factor 8, as on the hub.
+    assert denoiser["sample_size"] * 8 == components["vae"][1]["sample_size"]
+    assert denoiser["in_channels"] == components["vae"][1]["latent_channels"]
+    if FAMILY_INFO[family].scheduler_kind == "discrete":
+        prediction = components["scheduler"][1].get("prediction_type", "epsilon")
+        assert prediction == ("v_prediction" if family == "sd2-v" else "epsilon")
 
 
 def test_sdxl_unet_takes_both_encoders_hidden_states_and_the_pooled_projection():
@@ -37,6 +39,17 @@ def test_sdxl_unet_takes_both_encoders_hidden_states_and_the_pooled_projection()
     unet = components["unet"][1]
     assert unet["cross_attention_dim"] == first["hidden_size"] + second["hidden_size"]
     assert unet["projection_class_embeddings_input_dim"] == second["projection_dim"] + 6 * unet["addition_time_embed_dim"]
+
+
+def test_sd3_is_built_without_t5_and_its_transformer_takes_both_clips():
+    components = PUBLISHED_CONFIGS["sd3"]
+    assert "text_encoder_3" not in components and "tokenizer_3" not in components
+    first, second = components["text_encoder"][1], components["text_encoder_2"][1]
+    transformer = components["transformer"][1]
+    # The pooled projections of both CLIPs, concatenated; their hidden states (768 + 1280) are zero-padded to
+    # the T5 width the transformer was trained with, which is what diffusers does when text_encoder_3 is None.
+    assert transformer["pooled_projection_dim"] == first["projection_dim"] + second["projection_dim"]
+    assert transformer["joint_attention_dim"] == 4096 > first["hidden_size"] + second["hidden_size"]
 
 
 def test_clip_vocabulary_from_a_bpe_file_tokenizes_with_its_merges(tmp_path):
