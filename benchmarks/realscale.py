@@ -101,8 +101,10 @@ def child_main(arguments: argparse.Namespace) -> None:
     imported = time.perf_counter()
     settings = json.loads(arguments.settings)
     dtype = getattr(torch, settings.get("dtype", "float32"))
-    if arguments.raw:
-        pipeline = DiffusionPipeline.from_pretrained(arguments.folder, dtype=dtype, local_files_only=True)
+    if arguments.raw:  # as a user loads it: SD3 without T5 needs text_encoder_3=None and tokenizer_3=None named
+        index = json.loads((Path(arguments.folder) / "model_index.json").read_text())
+        absent = {name: None for name, value in index.items() if value == [None, None]}
+        pipeline = DiffusionPipeline.from_pretrained(arguments.folder, dtype=dtype, local_files_only=True, **absent)
     else:
         from handler.core.settings import HandlerSettings
         from handler.model.device import Placement
@@ -142,15 +144,18 @@ class Child:
         started = time.perf_counter()
         command = [sys.executable, str(Path(__file__).resolve()), "--child", str(folder), "--settings",
                    json.dumps(settings)] + (["--raw"] if raw else [])
+        self.errors = tempfile.TemporaryFile(mode="w+")  # diffusers' warnings and, if it dies, why
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                        stderr=subprocess.DEVNULL, env={**_offline_environment()})
+                                        stderr=self.errors, env={**_offline_environment()})
         self.loaded = self._answer()
         self.cold_start = time.perf_counter() - started
 
     def _answer(self) -> dict:
         line = self.process.stdout.readline()
         if not line:
-            raise RuntimeError(f"the child process died (exit {self.process.wait()})")
+            exit_code = self.process.wait()
+            self.errors.seek(0)
+            raise RuntimeError(f"the child process died (exit {exit_code}): {self.errors.read()[-2000:]}")
         return json.loads(line)
 
     def generate(self, side: int, steps: int, save: Path | None = None) -> Timing:
@@ -527,7 +532,7 @@ def main(argv=None) -> int:
     import torch
 
     work = arguments.work_dir or Path(tempfile.mkdtemp(prefix="realscale-"))
-    rows = []
+    rows, complete = [], False
     try:
         for family in ["sd1"] if arguments.quick else arguments.families:
             rows += measure_family(family, work / family, max(arguments.runs, 2), arguments.weights_dtype)
@@ -535,16 +540,19 @@ def main(argv=None) -> int:
                 rows += compare_presets(work / family / "scratch" / "full-sd1", CASES["sd1"].side,
                                         CASES["sd1"].steps, max(arguments.runs, 2), work / family)
             shutil.rmtree(work / family, ignore_errors=True)
-    finally:
+        complete = True
+    finally:  # a family that fails keeps the figures measured before it (the JSON says it is incomplete)
         if arguments.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
-    context = {"machine": f"{cpu_description()}, {torch.get_num_threads()} torch threads", "torch": torch.__version__,
-               "served_preset": SERVED_PRESET, "weights_dtype": arguments.weights_dtype, "prompt": PROMPT, "quick": arguments.quick,
-               "seconds": time.monotonic() - STARTED}
-    print()
-    print(markdown_table(rows))
-    write_json(arguments.output, rows, context)
-    progress(f"wrote {arguments.output}")
+        context = {"machine": f"{cpu_description()}, {torch.get_num_threads()} torch threads",
+                   "torch": torch.__version__, "served_preset": SERVED_PRESET,
+                   "weights_dtype": arguments.weights_dtype, "prompt": PROMPT, "quick": arguments.quick,
+                   "complete": complete, "seconds": time.monotonic() - STARTED}
+        if rows:
+            print()
+            print(markdown_table(rows))
+            write_json(arguments.output, rows, context)
+            progress(f"wrote {arguments.output}" + ("" if complete else " (incomplete: a family failed)"))
     return 0
 
 
