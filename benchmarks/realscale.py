@@ -48,6 +48,7 @@ STARTED = time.monotonic()
 MODEL = "stable_diffusion"
 PROMPT = "a photo of an astronaut riding a horse on the moon"
 
+
 @dataclass(frozen=True)
 class Case:
     """How one family is measured: the served size and steps; the timed turns (None: ``--runs``; a 1024x1024

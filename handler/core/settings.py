@@ -127,8 +127,9 @@ class HandlerSettings:
     """also compile the VAE decoder, in channels-last"""
     compile_freezing: bool = False
     """with `torch_compile` or `compile_vae` on `inductor`: fold the weights into the compiled code as constants
-    (inductor's freezing), so oneDNN lays them out once for the CPU; measure it on your CPU (see the CPU presets
-    in Performance). The weights can then never change: refused for a model that packs LoRAs"""
+    (inductor's freezing), so oneDNN lays them out once for the CPU: with `dtype: bfloat16` and `channels_last`,
+    the fastest CPU preset measured (see the CPU presets in Performance), at the cost of compiling at start. The
+    weights can then never change: refused for a model that packs LoRAs"""
     fuse_qkv: bool = False
     """fuse each attention layer's query/key/value projections into one matmul (denoiser and VAE)"""
     tf32: bool = False
