@@ -173,6 +173,7 @@ class Child:
     def close(self) -> None:
         self.process.stdin.close()
         self.process.wait(timeout=60)
+        self.errors.close()
 
 
 def _offline_environment() -> dict:
