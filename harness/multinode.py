@@ -193,7 +193,45 @@ def write_and_reload_nginx(state: ClusterState, start: bool, down: Optional[int]
     conf.chmod(0o600)  # it holds the nodes' keys
     command = [nginx_binary(), "-p", str(run), "-c", str(conf)]
     subprocess.run(command + ["-t", "-q"], check=True)
-    subprocess.run(command if start else command + ["-s", "reload"], check=True)
+    if start:
+        subprocess.run(command, check=True)
+        return
+    old_workers = nginx_workers(state)
+    subprocess.run(command + ["-s", "reload"], check=True)
+    wait_until_reloaded(state, old_workers)
+
+
+def nginx_workers(state: ClusterState) -> list[psutil.Process]:
+    pid = nginx_pid(state)
+    try:
+        return psutil.Process(pid).children() if pid else []
+    except psutil.NoSuchProcess:
+        return []
+
+
+def still_listening(worker: psutil.Process) -> bool:
+    try:
+        return any(connection.status == psutil.CONN_LISTEN for connection in worker.net_connections("tcp"))
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
+
+
+def wait_until_reloaded(state: ClusterState, old_workers: list[psutil.Process], timeout: float = 30.0) -> None:
+    """Return once only workers with the new nginx.conf accept connections.
+
+    ``nginx -s reload`` only signals the master. Until the master has started new workers and told the old ones
+    to quit, the old ones still accept connections, on the front and on the node servers alike: a request could
+    reach a restarted node through an old node server that still sends its previous key, and get a 400. An old
+    worker closes its listening sockets as soon as it is told to quit, then finishes its requests in flight.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        new_workers = [worker for worker in nginx_workers(state) if worker not in old_workers]
+        if new_workers and not any(still_listening(worker) for worker in old_workers):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nginx did not take the new configuration in {timeout:.0f} s; see "
+                       f"{Path(state.run_dir) / 'nginx-error.log'}")
 
 
 def nginx_pid(state: ClusterState):
